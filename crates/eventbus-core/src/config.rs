@@ -1,0 +1,325 @@
+//! Configuration with the defaults of the design contract (`shared/DESIGN.md` §1).
+//!
+//! Every struct has public fields, a `Default` with the documented values, and chained
+//! `with_*` setters for the common knobs.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::codec::Compression;
+use crate::error::BusError;
+
+/// Publishes awaiting a broker ACK at most (seed: `PublishAsyncMaxPending(10000)`).
+pub const DEFAULT_IN_FLIGHT_WINDOW: usize = 10_000;
+/// Largest message (payload + headers) accepted: 1 MiB, the default limit of both brokers.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+/// Payloads shorter than this are not compressed: LZ4 gains nothing on them.
+pub const DEFAULT_COMPRESSION_MIN_BYTES: usize = 512;
+/// Deadline for `close()` phases and `flush()`.
+pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Messages per pull (seed fix 2).
+pub const DEFAULT_BATCH_SIZE: usize = 500;
+/// Longest wait of one pull (seed fix 3).
+pub const DEFAULT_MAX_WAIT: Duration = Duration::from_millis(100);
+/// Keyed workers: enough that a slow aggregate rarely shares a worker with a busy one,
+/// few enough that an idle bus costs nothing noticeable.
+pub const DEFAULT_KEYED_WORKERS: usize = 32;
+/// Queue depth of each keyed worker.
+pub const DEFAULT_KEYED_QUEUE: usize = 256;
+/// Global-pool queue slots per global worker (seed: `workerCount × 100`).
+pub const GLOBAL_QUEUE_PER_WORKER: usize = 100;
+/// Event ids remembered per worker to drop redelivered duplicates.
+pub const DEFAULT_DEDUP_WINDOW: usize = 1024;
+/// Interval of in-progress signals while a handler runs or a retry waits (a third of the
+/// default NATS AckWait of 30 s).
+pub const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
+/// Default suffix of the dead-letter topic: `orders` → `orders.dlq`.
+pub const DEFAULT_DEAD_LETTER_SUFFIX: &str = ".dlq";
+
+/// Handler retry policy: exponential backoff, in place (the worker waits, so the order of an
+/// aggregate's messages holds).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// Handler attempts per message, the first included (default 3). At least 1.
+    pub max_attempts: u32,
+    /// Wait before the second attempt (default 100 ms).
+    pub initial_backoff: Duration,
+    /// Longest wait between attempts (default 5 s).
+    pub max_backoff: Duration,
+    /// Growth factor of the wait (default 2.0).
+    pub multiplier: f64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            multiplier: 2.0,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Wait after failed attempt number `attempt` (1-based).
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let exp = self
+            .multiplier
+            .max(1.0)
+            .powi(attempt.saturating_sub(1).min(64) as i32);
+        let secs = self.initial_backoff.as_secs_f64() * exp;
+        Duration::from_secs_f64(secs.min(self.max_backoff.as_secs_f64()))
+    }
+}
+
+/// Publishing.
+#[derive(Debug, Clone)]
+pub struct PublishConfig {
+    /// Publishes awaiting a broker ACK at most; `publish` waits when it is full (default 10,000).
+    pub in_flight_window: usize,
+    /// Capacity of the publish results stream (default 10,000). A reader that falls behind
+    /// slows publishing down; results are never dropped.
+    pub results_capacity: usize,
+    /// Compression for every topic without an override (default none).
+    pub compression: Compression,
+    /// Per-topic compression overrides.
+    pub topic_compression: HashMap<String, Compression>,
+    /// Payloads shorter than this stay plain (default 512 bytes).
+    pub compression_min_bytes: usize,
+    /// Largest message accepted, payload and headers (default 1 MiB).
+    pub max_message_bytes: usize,
+    /// Deadline of `flush()` and of each phase of `close()` (default 30 s).
+    pub close_timeout: Duration,
+}
+
+impl Default for PublishConfig {
+    fn default() -> Self {
+        Self {
+            in_flight_window: DEFAULT_IN_FLIGHT_WINDOW,
+            results_capacity: DEFAULT_IN_FLIGHT_WINDOW,
+            compression: Compression::None,
+            topic_compression: HashMap::new(),
+            compression_min_bytes: DEFAULT_COMPRESSION_MIN_BYTES,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            close_timeout: DEFAULT_CLOSE_TIMEOUT,
+        }
+    }
+}
+
+impl PublishConfig {
+    /// The compression for `topic`.
+    pub fn compression_for(&self, topic: &str) -> Compression {
+        self.topic_compression
+            .get(topic)
+            .copied()
+            .unwrap_or(self.compression)
+    }
+}
+
+/// The shared dispatcher: keyed pool, global pool, retries, dead letters.
+#[derive(Debug, Clone)]
+pub struct DispatchConfig {
+    /// Keyed workers `K`: a message with aggregate id `a` goes to worker `hash(a) % K`
+    /// (default 32).
+    pub keyed_workers: usize,
+    /// Queue depth of each keyed worker (default 256).
+    pub keyed_queue: usize,
+    /// Workers of the global pool for messages without an aggregate id (default 2 × cores).
+    pub global_workers: usize,
+    /// Queue depth of the global pool (default `global_workers × 100`).
+    pub global_queue: usize,
+    /// Handler retries.
+    pub retry: RetryPolicy,
+    /// Dead-letter topic = source topic + this suffix (default `.dlq`).
+    pub dead_letter_suffix: String,
+    /// Event ids each worker remembers to skip duplicates (default 1,024; 0 turns it off).
+    pub dedup_window: usize,
+    /// In-progress signal interval for long handlers and retry waits (default 10 s).
+    pub progress_interval: Duration,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        let global_workers = 2 * cores;
+        Self {
+            keyed_workers: DEFAULT_KEYED_WORKERS,
+            keyed_queue: DEFAULT_KEYED_QUEUE,
+            global_workers,
+            global_queue: global_workers * GLOBAL_QUEUE_PER_WORKER,
+            retry: RetryPolicy::default(),
+            dead_letter_suffix: DEFAULT_DEAD_LETTER_SUFFIX.to_string(),
+            dedup_window: DEFAULT_DEDUP_WINDOW,
+            progress_interval: DEFAULT_PROGRESS_INTERVAL,
+        }
+    }
+}
+
+/// Pulling: one fetcher per subscription.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubscribeOptions {
+    /// Messages per pull (default 500).
+    pub batch_size: usize,
+    /// Longest wait of one pull (default 100 ms).
+    pub max_wait: Duration,
+    /// Dead-letter topic; default: the topic plus the dispatcher's suffix.
+    pub dead_letter_topic: Option<String>,
+}
+
+impl Default for SubscribeOptions {
+    fn default() -> Self {
+        Self {
+            batch_size: DEFAULT_BATCH_SIZE,
+            max_wait: DEFAULT_MAX_WAIT,
+            dead_letter_topic: None,
+        }
+    }
+}
+
+/// Everything a bus needs besides its transport.
+///
+/// ```
+/// use eventbus_core::{BusConfig, Compression};
+/// let cfg = BusConfig::default()
+///     .with_compression(Compression::Lz4)
+///     .with_keyed_workers(64)
+///     .with_max_attempts(5);
+/// assert!(cfg.validate().is_ok());
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct BusConfig {
+    /// Publishing.
+    pub publish: PublishConfig,
+    /// Dispatching.
+    pub dispatch: DispatchConfig,
+    /// Default pull settings of subscriptions.
+    pub subscribe: SubscribeOptions,
+}
+
+impl BusConfig {
+    /// Sets the in-flight publish window.
+    pub fn with_in_flight_window(mut self, n: usize) -> Self {
+        self.publish.in_flight_window = n;
+        self
+    }
+    /// Sets the bus-wide compression.
+    pub fn with_compression(mut self, c: Compression) -> Self {
+        self.publish.compression = c;
+        self
+    }
+    /// Sets compression for one topic.
+    pub fn with_topic_compression(mut self, topic: impl Into<String>, c: Compression) -> Self {
+        self.publish.topic_compression.insert(topic.into(), c);
+        self
+    }
+    /// Sets the message size limit.
+    pub fn with_max_message_bytes(mut self, n: usize) -> Self {
+        self.publish.max_message_bytes = n;
+        self
+    }
+    /// Sets the flush/close deadline.
+    pub fn with_close_timeout(mut self, d: Duration) -> Self {
+        self.publish.close_timeout = d;
+        self
+    }
+    /// Sets the number of keyed workers.
+    pub fn with_keyed_workers(mut self, n: usize) -> Self {
+        self.dispatch.keyed_workers = n;
+        self
+    }
+    /// Sets the number of global workers (and their queue to `n × 100`).
+    pub fn with_global_workers(mut self, n: usize) -> Self {
+        self.dispatch.global_workers = n;
+        self.dispatch.global_queue = n.saturating_mul(GLOBAL_QUEUE_PER_WORKER);
+        self
+    }
+    /// Sets the handler attempts per message.
+    pub fn with_max_attempts(mut self, n: u32) -> Self {
+        self.dispatch.retry.max_attempts = n;
+        self
+    }
+    /// Sets the retry policy.
+    pub fn with_retry(mut self, r: RetryPolicy) -> Self {
+        self.dispatch.retry = r;
+        self
+    }
+    /// Sets the pull batch size.
+    pub fn with_batch_size(mut self, n: usize) -> Self {
+        self.subscribe.batch_size = n;
+        self
+    }
+    /// Sets the pull max wait.
+    pub fn with_max_wait(mut self, d: Duration) -> Self {
+        self.subscribe.max_wait = d;
+        self
+    }
+
+    /// Rejects settings that cannot work (zero-sized windows, pools or queues).
+    pub fn validate(&self) -> Result<(), BusError> {
+        let checks = [
+            (self.publish.in_flight_window, "publish.in_flight_window"),
+            (self.publish.results_capacity, "publish.results_capacity"),
+            (self.publish.max_message_bytes, "publish.max_message_bytes"),
+            (self.dispatch.keyed_workers, "dispatch.keyed_workers"),
+            (self.dispatch.keyed_queue, "dispatch.keyed_queue"),
+            (self.dispatch.global_workers, "dispatch.global_workers"),
+            (self.dispatch.global_queue, "dispatch.global_queue"),
+            (self.subscribe.batch_size, "subscribe.batch_size"),
+        ];
+        for (value, name) in checks {
+            if value == 0 {
+                return Err(BusError::Config(format!("{name} must be at least 1")));
+            }
+        }
+        if self.publish.in_flight_window > (u32::MAX as usize) {
+            return Err(BusError::Config(
+                "publish.in_flight_window must fit in u32".into(),
+            ));
+        }
+        if self.dispatch.retry.max_attempts == 0 {
+            return Err(BusError::Config(
+                "dispatch.retry.max_attempts must be at least 1".into(),
+            ));
+        }
+        if self.dispatch.dead_letter_suffix.is_empty() {
+            return Err(BusError::Config(
+                "dispatch.dead_letter_suffix must not be empty (it would dead-letter a topic into itself)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_the_design() {
+        let c = BusConfig::default();
+        assert_eq!(c.publish.in_flight_window, 10_000);
+        assert_eq!(c.subscribe.batch_size, 500);
+        assert_eq!(c.subscribe.max_wait, Duration::from_millis(100));
+        assert_eq!(c.dispatch.global_queue, c.dispatch.global_workers * 100);
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn zero_sizes_are_rejected() {
+        assert!(BusConfig::default().with_keyed_workers(0).validate().is_err());
+        assert!(BusConfig::default().with_max_attempts(0).validate().is_err());
+        assert!(BusConfig::default().with_in_flight_window(0).validate().is_err());
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let r = RetryPolicy::default();
+        assert_eq!(r.backoff(1), Duration::from_millis(100));
+        assert_eq!(r.backoff(2), Duration::from_millis(200));
+        assert_eq!(r.backoff(40), Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,232 @@
+//! What a worker does with one message: decode, skip duplicates, run the handler with retries
+//! in place (keeping the broker's ack deadline alive), then ack, or dead-letter and terminate.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::FutureExt;
+
+use super::dedup::{DedupKey, DedupSet};
+use super::{DeliveryOf, Job, Route};
+use crate::codec;
+use crate::config::RetryPolicy;
+use crate::envelope::new_event_id;
+use crate::error::{FailureKind, HandlerError, TransportError};
+use crate::headers;
+use crate::message::{Message, OutgoingMessage};
+use crate::metrics::Metrics;
+use crate::publish::Publisher;
+use crate::transport::{Delivery, Transport};
+
+/// Longest error text copied into a dead letter's header.
+const MAX_ERROR_HEADER_BYTES: usize = 1024;
+
+/// Where a worker remembers handled event ids: its own set (keyed workers: one aggregate,
+/// hence one event id, always lands on the same worker) or the global pool's shared one.
+pub(crate) enum Dedup<'a> {
+    Local(&'a mut DedupSet),
+    Shared(&'a Mutex<DedupSet>),
+}
+
+impl Dedup<'_> {
+    fn contains(&self, key: &DedupKey) -> bool {
+        match self {
+            Dedup::Local(s) => s.contains(key),
+            Dedup::Shared(m) => m.lock().map(|s| s.contains(key)).unwrap_or(false),
+        }
+    }
+
+    fn insert(&mut self, key: DedupKey) {
+        match self {
+            Dedup::Local(s) => s.insert(key),
+            Dedup::Shared(m) => {
+                if let Ok(mut s) = m.lock() {
+                    s.insert(key)
+                }
+            }
+        }
+    }
+}
+
+/// Shared by every worker of a bus.
+pub(crate) struct WorkerContext<T: Transport> {
+    pub(crate) publisher: Arc<Publisher<T>>,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) progress_interval: Duration,
+    pub(crate) max_message_bytes: usize,
+    pub(crate) dedup_enabled: bool,
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+impl<T: Transport> WorkerContext<T> {
+    pub(crate) async fn process(&self, job: Job<DeliveryOf<T>>, dedup: Dedup<'_>) {
+        let Job { delivery, route } = job;
+        self.handle(delivery, &route, dedup).await;
+        route.finished();
+    }
+
+    async fn handle(&self, delivery: DeliveryOf<T>, route: &Route, mut dedup: Dedup<'_>) {
+        let raw = delivery.message();
+        let msg = match codec::decode(raw.payload(), raw.headers(), self.max_message_bytes) {
+            Ok(payload) if raw.headers().get(headers::CONTENT_ENCODING).is_some() => {
+                raw.with_decoded(payload)
+            }
+            Ok(_) => raw.clone(),
+            Err(e) => {
+                Metrics::inc(&self.metrics.malformed);
+                return self
+                    .dead_letter(delivery, route, &HandlerError::codec(e), 0)
+                    .await;
+            }
+        };
+        let key = msg
+            .event_id()
+            .filter(|_| self.dedup_enabled)
+            .map(DedupKey::new);
+        if let Some(k) = &key {
+            if dedup.contains(k) {
+                Metrics::inc(&self.metrics.deduplicated);
+                tracing::debug!(topic = %route.topic, event_id = ?msg.event_id(), "duplicate skipped");
+                return self.settle("ack", delivery.ack().await);
+            }
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.run_handler(route, msg.clone(), &delivery).await {
+                Ok(()) => {
+                    Metrics::inc(&self.metrics.handled);
+                    if let Some(k) = key {
+                        dedup.insert(k);
+                    }
+                    return self.settle("ack", delivery.ack().await);
+                }
+                Err(err) => {
+                    Metrics::inc(&self.metrics.handler_errors);
+                    match err.kind() {
+                        FailureKind::Panic => Metrics::inc(&self.metrics.handler_panics),
+                        FailureKind::Malformed => Metrics::inc(&self.metrics.malformed),
+                        _ => {}
+                    }
+                    if err.is_permanent() || attempt >= self.retry.max_attempts {
+                        return self.dead_letter(delivery, route, &err, attempt).await;
+                    }
+                    Metrics::inc(&self.metrics.retries);
+                    tracing::debug!(topic = %route.topic, attempt, error = %err, "handler failed; retrying in place");
+                    self.wait_keeping_alive(&delivery, self.retry.backoff(attempt))
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// Runs the handler; a panic becomes an error and the worker lives on. While it runs, the
+    /// broker is told every `progress_interval` that the message is still being worked on.
+    async fn run_handler(
+        &self,
+        route: &Route,
+        msg: Message,
+        delivery: &DeliveryOf<T>,
+    ) -> Result<(), HandlerError> {
+        let fut = AssertUnwindSafe(route.handler.handle(msg)).catch_unwind();
+        tokio::pin!(fut);
+        loop {
+            match tokio::time::timeout(self.progress_interval, &mut fut).await {
+                Ok(Ok(result)) => return result,
+                Ok(Err(panic)) => return Err(HandlerError::panic(panic_text(panic.as_ref()))),
+                Err(_) => self.settle("in_progress", delivery.in_progress().await),
+            }
+        }
+    }
+
+    async fn wait_keeping_alive(&self, delivery: &DeliveryOf<T>, mut wait: Duration) {
+        while wait > self.progress_interval {
+            tokio::time::sleep(self.progress_interval).await;
+            self.settle("in_progress", delivery.in_progress().await);
+            wait -= self.progress_interval;
+        }
+        tokio::time::sleep(wait).await;
+    }
+
+    /// Publishes the message as received (still encoded) to the dead-letter topic with the
+    /// error in headers and waits for the ACK; only then terminates the original. If the dead
+    /// letter cannot be stored, the original is nak'ed so it comes back: nothing is lost.
+    async fn dead_letter(
+        &self,
+        delivery: DeliveryOf<T>,
+        route: &Route,
+        err: &HandlerError,
+        attempts: u32,
+    ) {
+        let raw = delivery.message();
+        let mut hdrs = raw.headers().clone();
+        let event_id = raw
+            .event_id()
+            .map(str::to_owned)
+            .unwrap_or_else(new_event_id);
+        hdrs.insert(headers::EVENT_ID, event_id.clone());
+        hdrs.insert(headers::DLQ_ERROR, truncate(err.message(), MAX_ERROR_HEADER_BYTES));
+        hdrs.insert(headers::DLQ_REASON, err.kind().as_str());
+        hdrs.insert(headers::DLQ_TOPIC, route.topic.as_str());
+        hdrs.insert(headers::DLQ_GROUP, route.group.as_str());
+        hdrs.insert(headers::DLQ_ATTEMPTS, attempts.to_string());
+        let key = raw
+            .aggregate_id()
+            .map(str::to_owned)
+            .or_else(|| raw.key().and_then(|k| std::str::from_utf8(k).ok().map(str::to_owned)));
+        let out = OutgoingMessage {
+            topic: route.dead_letter_topic.clone(),
+            event_id,
+            key,
+            headers: hdrs,
+            payload: raw.payload().clone(),
+        };
+        let stored = match self.publisher.submit_and_wait(out, true).await {
+            Ok(result) => result.outcome.map(|_| ()),
+            Err(e) => Err(TransportError::Other(e.to_string())),
+        };
+        match stored {
+            Ok(()) => {
+                Metrics::inc(&self.metrics.dead_lettered);
+                tracing::warn!(topic = %route.topic, group = %route.group, dlq = %route.dead_letter_topic,
+                    attempts, error = %err, "message dead-lettered");
+                self.settle("term", delivery.term().await);
+            }
+            Err(e) => {
+                Metrics::inc(&self.metrics.dead_letter_failures);
+                tracing::error!(topic = %route.topic, dlq = %route.dead_letter_topic, error = %e,
+                    "dead-letter publish failed; the message will be redelivered");
+                self.settle("nak", delivery.nak(self.retry.max_backoff).await);
+            }
+        }
+    }
+
+    fn settle(&self, what: &'static str, result: Result<(), TransportError>) {
+        if let Err(e) = result {
+            Metrics::inc(&self.metrics.settle_failures);
+            tracing::warn!(error = %e, "{what} failed; the broker will redeliver and the duplicate is skipped by event id");
+        }
+    }
+}
+
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}

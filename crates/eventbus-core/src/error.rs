@@ -1,0 +1,209 @@
+//! Error types of the core crate.
+
+use std::time::Duration;
+
+use crate::codec::CodecError;
+use crate::envelope::EnvelopeError;
+
+/// What a transport (a broker client) reports. `Clone` because one publish outcome goes to the
+/// callback, the results stream and an awaiting caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransportError {
+    /// The broker cannot be reached.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    /// The broker did not answer in time.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// The topic name is not allowed.
+    #[error("invalid topic {topic:?}: {reason}")]
+    InvalidTopic {
+        /// The rejected name.
+        topic: String,
+        /// Why.
+        reason: String,
+    },
+    /// The message is larger than the limit.
+    #[error("message of {actual} bytes exceeds the limit of {limit} bytes")]
+    PayloadTooLarge {
+        /// Size in bytes.
+        actual: usize,
+        /// Limit in bytes.
+        limit: usize,
+    },
+    /// The broker refused the message or request.
+    #[error("rejected by the broker: {0}")]
+    Rejected(String),
+    /// A stream, topic or consumer could not be created or does not match the configuration.
+    #[error("provisioning failed: {0}")]
+    Provisioning(String),
+    /// The transport or subscription is closed.
+    #[error("closed")]
+    Closed,
+    /// Anything else the client reported.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Errors of the bus API.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BusError {
+    /// The envelope is invalid.
+    #[error(transparent)]
+    Envelope(#[from] EnvelopeError),
+    /// The transport failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The payload could not be encoded or decoded.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// The bus is closing or closed; nothing new is accepted.
+    #[error("the bus is closed")]
+    Closed,
+    /// The results stream was already taken.
+    #[error("the publish results stream was already taken")]
+    ResultsAlreadyTaken,
+    /// `flush` or `close` ran out of time with ACKs still pending.
+    #[error("{pending} publishes still unacknowledged after {waited:?}")]
+    FlushTimeout {
+        /// Publishes without an outcome yet.
+        pending: usize,
+        /// How long we waited.
+        waited: Duration,
+    },
+    /// The configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The bus was used outside a Tokio runtime.
+    #[error("eventbus needs a Tokio runtime (call it from within one)")]
+    NoRuntime,
+}
+
+/// A handler's failure. `permanent` errors skip the remaining retries and go straight to the
+/// dead-letter topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerError {
+    message: String,
+    kind: FailureKind,
+}
+
+/// Why a message failed; written to the `X-DLQ-Reason` header of a dead letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FailureKind {
+    Retryable,
+    Permanent,
+    Panic,
+    Malformed,
+    Codec,
+}
+
+impl FailureKind {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Retryable | FailureKind::Permanent => "handler",
+            FailureKind::Panic => "panic",
+            FailureKind::Malformed => "malformed",
+            FailureKind::Codec => "codec",
+        }
+    }
+}
+
+impl HandlerError {
+    /// A failure worth retrying.
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            kind: FailureKind::Retryable,
+        }
+    }
+
+    /// A failure that retrying cannot fix (bad input): dead-lettered at once.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            kind: FailureKind::Permanent,
+        }
+    }
+
+    pub(crate) fn malformed(e: EnvelopeError) -> Self {
+        Self {
+            message: e.to_string(),
+            kind: FailureKind::Malformed,
+        }
+    }
+
+    pub(crate) fn codec(e: CodecError) -> Self {
+        Self {
+            message: e.to_string(),
+            kind: FailureKind::Codec,
+        }
+    }
+
+    pub(crate) fn panic(message: String) -> Self {
+        Self {
+            message: format!("handler panicked: {message}"),
+            kind: FailureKind::Panic,
+        }
+    }
+
+    pub(crate) fn kind(&self) -> FailureKind {
+        self.kind
+    }
+
+    /// The error text.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// True when retries are skipped (the error says retrying cannot help).
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self.kind,
+            FailureKind::Permanent | FailureKind::Malformed | FailureKind::Codec
+        )
+    }
+}
+
+impl std::fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for HandlerError {}
+
+impl From<String> for HandlerError {
+    fn from(s: String) -> Self {
+        Self::retryable(s)
+    }
+}
+
+impl From<&str> for HandlerError {
+    fn from(s: &str) -> Self {
+        Self::retryable(s)
+    }
+}
+
+impl From<std::io::Error> for HandlerError {
+    fn from(e: std::io::Error) -> Self {
+        Self::retryable(e.to_string())
+    }
+}
+
+impl From<serde_json::Error> for HandlerError {
+    fn from(e: serde_json::Error) -> Self {
+        Self::permanent(e.to_string())
+    }
+}
+
+impl From<EnvelopeError> for HandlerError {
+    fn from(e: EnvelopeError) -> Self {
+        Self::permanent(e.to_string())
+    }
+}
+
+impl From<Box<dyn std::error::Error + Send + Sync>> for HandlerError {
+    fn from(e: Box<dyn std::error::Error + Send + Sync>) -> Self {
+        Self::retryable(e.to_string())
+    }
+}

@@ -1,0 +1,135 @@
+//! Header names of the wire format and the [`Headers`] map carried by every message.
+
+/// Unique id of the event; the idempotency key on every backend.
+pub const EVENT_ID: &str = "X-Event-ID";
+/// Aggregate (entity) id: messages with the same value are handled strictly in order.
+pub const AGGREGATE_ID: &str = "X-Aggregate-ID";
+/// Event type, e.g. `order.created`.
+pub const EVENT_TYPE: &str = "X-Event-Type";
+/// Event version, increasing per aggregate.
+pub const EVENT_VERSION: &str = "X-Event-Version";
+/// RFC 3339 timestamp of the event.
+pub const TIMESTAMP: &str = "X-Timestamp";
+/// Optional trace id.
+pub const TRACE_ID: &str = "X-Trace-ID";
+/// Optional correlation id.
+pub const CORRELATION_ID: &str = "X-Correlation-ID";
+/// Optional tenant id.
+pub const TENANT_ID: &str = "X-Tenant-ID";
+/// Payload encoding set by the codec (`lz4`); absent for plain payloads.
+pub const CONTENT_ENCODING: &str = "X-Content-Encoding";
+/// On a dead-lettered message: the last handler error.
+pub const DLQ_ERROR: &str = "X-DLQ-Error";
+/// On a dead-lettered message: the topic it came from.
+pub const DLQ_TOPIC: &str = "X-DLQ-Topic";
+/// On a dead-lettered message: the consumer group that gave up on it.
+pub const DLQ_GROUP: &str = "X-DLQ-Group";
+/// On a dead-lettered message: how many times the handler was tried.
+pub const DLQ_ATTEMPTS: &str = "X-DLQ-Attempts";
+/// On a dead-lettered message: why it was dead-lettered (`handler`, `malformed`, `codec`).
+pub const DLQ_REASON: &str = "X-DLQ-Reason";
+
+/// Ordered message headers. Names compare ASCII case-insensitively, because Kafka and NATS
+/// clients differ in how they case header names.
+///
+/// ```
+/// use eventbus_core::Headers;
+/// let mut h = Headers::new();
+/// h.insert("X-Trace-ID", "t-1");
+/// assert_eq!(h.get("x-trace-id"), Some("t-1"));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Headers {
+    entries: Vec<(String, String)>,
+}
+
+impl Headers {
+    /// An empty header map.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An empty header map with room for `n` entries.
+    pub fn with_capacity(n: usize) -> Self {
+        Self {
+            entries: Vec::with_capacity(n),
+        }
+    }
+
+    /// Sets `name` to `value`, replacing an existing value of the same name.
+    pub fn insert(&mut self, name: impl Into<String>, value: impl Into<String>) {
+        let name = name.into();
+        let value = value.into();
+        match self
+            .entries
+            .iter_mut()
+            .find(|(n, _)| n.eq_ignore_ascii_case(&name))
+        {
+            Some(entry) => entry.1 = value,
+            None => self.entries.push((name, value)),
+        }
+    }
+
+    /// The value of `name`, if present.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.entries
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Removes `name` and returns its value.
+    pub fn remove(&mut self, name: &str) -> Option<String> {
+        let idx = self
+            .entries
+            .iter()
+            .position(|(n, _)| n.eq_ignore_ascii_case(name))?;
+        Some(self.entries.remove(idx).1)
+    }
+
+    /// Iterates over `(name, value)` pairs in insertion order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.entries.iter().map(|(n, v)| (n.as_str(), v.as_str()))
+    }
+
+    /// Number of headers.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when there are no headers.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Approximate wire size of the headers, used for the message size limit.
+    pub fn wire_len(&self) -> usize {
+        self.entries.iter().map(|(n, v)| n.len() + v.len() + 4).sum()
+    }
+}
+
+impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Headers {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        let mut h = Headers::new();
+        for (k, v) in iter {
+            h.insert(k, v);
+        }
+        h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn insert_replaces_case_insensitively() {
+        let mut h = Headers::new();
+        h.insert("X-Event-ID", "a");
+        h.insert("x-event-id", "b");
+        assert_eq!(h.len(), 1);
+        assert_eq!(h.get(EVENT_ID), Some("b"));
+        assert_eq!(h.remove("X-EVENT-ID").as_deref(), Some("b"));
+        assert!(h.is_empty());
+    }
+}

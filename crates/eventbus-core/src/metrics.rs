@@ -1,0 +1,73 @@
+//! Counters of one bus, read with [`crate::Bus::metrics`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// Live counters (relaxed atomics: monotonic, cheap, read as a snapshot).
+        #[derive(Debug, Default)]
+        pub(crate) struct Metrics {
+            $(pub(crate) $name: AtomicU64,)*
+        }
+
+        /// A snapshot of a bus's counters.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        pub struct MetricsSnapshot {
+            $($(#[$doc])* pub $name: u64,)*
+            /// Publishes handed over and still awaiting their ACK.
+            pub in_flight_publishes: u64,
+            /// Messages waiting in the dispatcher's queues.
+            pub queued_messages: u64,
+            /// Live subscriptions.
+            pub subscriptions: u64,
+            /// Dispatcher worker tasks (keyed + global), fixed by configuration.
+            pub workers: u64,
+        }
+
+        impl Metrics {
+            pub(crate) fn snapshot(&self) -> MetricsSnapshot {
+                MetricsSnapshot {
+                    $($name: self.$name.load(Ordering::Relaxed),)*
+                    ..MetricsSnapshot::default()
+                }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Messages accepted by `publish` (handed to the broker client).
+    published,
+    /// Publishes the broker acknowledged.
+    publish_acked,
+    /// Publishes that failed (broker error or no ACK before the close deadline).
+    publish_failed,
+    /// Publishes the broker reported as duplicates of an earlier `event_id`.
+    publish_duplicates,
+    /// Messages whose handler succeeded.
+    handled,
+    /// Failed handler attempts (panics included).
+    handler_errors,
+    /// Handler panics.
+    handler_panics,
+    /// Retries scheduled.
+    retries,
+    /// Messages moved to a dead-letter topic.
+    dead_lettered,
+    /// Dead-letter publishes that failed (the message is redelivered instead).
+    dead_letter_failures,
+    /// Redelivered messages skipped because their `event_id` was already handled.
+    deduplicated,
+    /// Malformed envelopes and undecodable payloads.
+    malformed,
+    /// Acks, naks or terms the broker did not take.
+    settle_failures,
+    /// Failed fetches (the fetcher backs off and tries again).
+    fetch_errors,
+}
+
+impl Metrics {
+    pub(crate) fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}

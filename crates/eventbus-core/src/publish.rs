@@ -1,0 +1,348 @@
+//! Publish-side plumbing shared by every backend: the bounded in-flight window, the one ACK
+//! collector task per bus, and the results (callback, stream, awaiting caller).
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+
+use crate::config::PublishConfig;
+use crate::error::{BusError, TransportError};
+use crate::message::OutgoingMessage;
+use crate::metrics::Metrics;
+use crate::transport::{Receipt, Transport};
+
+/// The outcome of one publish: exactly one per message accepted by `publish`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishResult {
+    /// Topic it was published to.
+    pub topic: String,
+    /// Its event id.
+    pub event_id: String,
+    /// Its aggregate id, when it has one.
+    pub aggregate_id: Option<String>,
+    /// The broker's receipt, or why it was not stored.
+    pub outcome: Result<Receipt, TransportError>,
+}
+
+impl PublishResult {
+    /// True when the broker acknowledged it.
+    pub fn is_ok(&self) -> bool {
+        self.outcome.is_ok()
+    }
+}
+
+/// Callback invoked with every publish result, on the collector task: keep it short.
+pub type ResultCallback = Arc<dyn Fn(&PublishResult) + Send + Sync>;
+
+/// The stream of publish results, from [`crate::Bus::results`]. Bounded: a reader that falls
+/// behind slows publishing down; results are never dropped.
+#[derive(Debug)]
+pub struct PublishResults {
+    rx: mpsc::Receiver<PublishResult>,
+}
+
+impl PublishResults {
+    /// The next result; `None` once the bus is closed and every result was delivered.
+    pub async fn recv(&mut self) -> Option<PublishResult> {
+        self.rx.recv().await
+    }
+}
+
+impl futures_core::Stream for PublishResults {
+    type Item = PublishResult;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+struct Meta {
+    topic: String,
+    event_id: String,
+    aggregate_id: Option<String>,
+    waiter: Option<oneshot::Sender<PublishResult>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// One handed-over message awaiting its ACK.
+struct PendingAck<A> {
+    meta: Option<Meta>,
+    ack: A,
+}
+
+impl<A> Future for PendingAck<A>
+where
+    A: Future<Output = Result<Receipt, TransportError>> + Unpin,
+{
+    type Output = (Meta, Result<Receipt, TransportError>);
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let outcome = std::task::ready!(Pin::new(&mut self.ack).poll(cx));
+        match self.meta.take() {
+            Some(meta) => Poll::Ready((meta, outcome)),
+            // Polled again after completion: FuturesUnordered never does this.
+            None => Poll::Pending,
+        }
+    }
+}
+
+use std::future::Future;
+
+enum Control {
+    /// Report everything still pending as failed (close deadline passed).
+    Abandon,
+    /// Accept nothing more; report what is pending, then end.
+    Shutdown,
+}
+
+/// Where results go.
+struct Sinks {
+    callback: Option<ResultCallback>,
+    stream: Arc<Mutex<Option<mpsc::Sender<PublishResult>>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Sinks {
+    async fn report(&self, meta: Meta, outcome: Result<Receipt, TransportError>) {
+        match &outcome {
+            Ok(r) => {
+                Metrics::inc(&self.metrics.publish_acked);
+                if r.duplicate {
+                    Metrics::inc(&self.metrics.publish_duplicates);
+                }
+            }
+            Err(e) => {
+                Metrics::inc(&self.metrics.publish_failed);
+                tracing::warn!(topic = %meta.topic, event_id = %meta.event_id, error = %e, "publish failed");
+            }
+        }
+        let Meta {
+            topic,
+            event_id,
+            aggregate_id,
+            waiter,
+            _permit,
+        } = meta;
+        let result = PublishResult {
+            topic,
+            event_id,
+            aggregate_id,
+            outcome,
+        };
+        if let Some(cb) = &self.callback {
+            // A panicking callback must not kill the collector and strand every later result.
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cb(&result))).is_err() {
+                tracing::error!(event_id = %result.event_id, "publish result callback panicked");
+            }
+        }
+        let stream = self.stream.lock().ok().and_then(|g| g.clone());
+        if let Some(waiter) = waiter {
+            let _ = waiter.send(result.clone());
+        }
+        if let Some(tx) = stream {
+            // Backpressure, not loss: wait for the reader. A dropped reader just stops it.
+            let _ = tx.send(result).await;
+        }
+        // The permit is released here, after every sink has the result.
+        drop(_permit);
+    }
+}
+
+/// The publishing half of a bus.
+pub(crate) struct Publisher<T: Transport> {
+    transport: Arc<T>,
+    window: Arc<Semaphore>,
+    window_size: usize,
+    pending_tx: mpsc::Sender<PendingAck<T::Ack>>,
+    control_tx: mpsc::Sender<Control>,
+    stream: Arc<Mutex<Option<mpsc::Sender<PublishResult>>>>,
+    stream_taken: AtomicBool,
+    closed: AtomicBool,
+    config: PublishConfig,
+    metrics: Arc<Metrics>,
+}
+
+impl<T: Transport> Publisher<T> {
+    /// Builds the publisher and spawns its ACK collector (the only task on the publish side).
+    pub(crate) fn start(
+        transport: Arc<T>,
+        config: PublishConfig,
+        callback: Option<ResultCallback>,
+        metrics: Arc<Metrics>,
+    ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
+        let window_size = config.in_flight_window;
+        let (pending_tx, pending_rx) = mpsc::channel(window_size);
+        let (control_tx, control_rx) = mpsc::channel(1);
+        let stream = Arc::new(Mutex::new(None));
+        let sinks = Sinks {
+            callback,
+            stream: stream.clone(),
+            metrics: metrics.clone(),
+        };
+        let task = tokio::spawn(collect_acks::<T>(pending_rx, control_rx, sinks));
+        let publisher = Arc::new(Self {
+            transport,
+            window: Arc::new(Semaphore::new(window_size)),
+            window_size,
+            pending_tx,
+            control_tx,
+            stream,
+            stream_taken: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            config,
+            metrics,
+        });
+        (publisher, task)
+    }
+
+    pub(crate) fn config(&self) -> &PublishConfig {
+        &self.config
+    }
+
+    /// Hands `msg` to the transport once the window has room. `internal` publishes (dead
+    /// letters) are still accepted while the bus drains after `close()` started.
+    pub(crate) async fn submit(
+        &self,
+        msg: OutgoingMessage,
+        waiter: Option<oneshot::Sender<PublishResult>>,
+        internal: bool,
+    ) -> Result<(), BusError> {
+        if !internal && self.closed.load(Ordering::Acquire) {
+            return Err(BusError::Closed);
+        }
+        let permit = self
+            .window
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| BusError::Closed)?;
+        // Checked again: a publish that got its permit after close() flushed must not slip in.
+        if !internal && self.closed.load(Ordering::Acquire) {
+            return Err(BusError::Closed);
+        }
+        let meta = Meta {
+            topic: msg.topic.clone(),
+            event_id: msg.event_id.clone(),
+            aggregate_id: msg.key.clone(),
+            waiter,
+            _permit: permit,
+        };
+        let ack = self.transport.send(msg).await?;
+        Metrics::inc(&self.metrics.published);
+        self.pending_tx
+            .send(PendingAck {
+                meta: Some(meta),
+                ack,
+            })
+            .await
+            .map_err(|_| BusError::Closed)
+    }
+
+    /// Publishes and waits for the broker's answer.
+    pub(crate) async fn submit_and_wait(
+        &self,
+        msg: OutgoingMessage,
+        internal: bool,
+    ) -> Result<PublishResult, BusError> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(msg, Some(tx), internal).await?;
+        rx.await.map_err(|_| BusError::Closed)
+    }
+
+    pub(crate) fn take_results(&self, capacity: usize) -> Result<PublishResults, BusError> {
+        if self.stream_taken.swap(true, Ordering::AcqRel) {
+            return Err(BusError::ResultsAlreadyTaken);
+        }
+        let (tx, rx) = mpsc::channel(capacity);
+        if let Ok(mut slot) = self.stream.lock() {
+            *slot = Some(tx);
+        }
+        Ok(PublishResults { rx })
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.window_size - self.window.available_permits()
+    }
+
+    /// Waits until every publish accepted before this call has its result.
+    pub(crate) async fn flush(&self, timeout: Duration) -> Result<(), BusError> {
+        // Taking the whole window waits for every outstanding permit; the semaphore is fair,
+        // so publishes that start after us wait behind us instead of starving the flush.
+        let all = self.window.acquire_many(self.window_size as u32);
+        match tokio::time::timeout(timeout, all).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(BusError::FlushTimeout {
+                pending: self.in_flight(),
+                waited: timeout,
+            }),
+        }
+    }
+
+    /// Stops accepting publishes from users.
+    pub(crate) fn close_gate(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+
+    /// Gives up on pending ACKs: each is reported as failed.
+    pub(crate) async fn abandon_pending(&self) {
+        let _ = self.control_tx.send(Control::Abandon).await;
+    }
+
+    /// Ends the collector once every pending ACK is reported.
+    pub(crate) async fn shutdown_collector(&self) {
+        let _ = self.control_tx.send(Control::Shutdown).await;
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+}
+
+/// The one ACK collector of a bus: awaits every handed-over message's ACK in a single task
+/// (no task per message) and reports each exactly once. Ends when the publisher is dropped.
+async fn collect_acks<T: Transport>(
+    mut pending_rx: mpsc::Receiver<PendingAck<T::Ack>>,
+    mut control_rx: mpsc::Receiver<Control>,
+    sinks: Sinks,
+) {
+    let mut pending: FuturesUnordered<PendingAck<T::Ack>> = FuturesUnordered::new();
+    let mut open = true;
+    let mut control_open = true;
+    while open || !pending.is_empty() {
+        tokio::select! {
+            biased;
+            Some((meta, outcome)) = pending.next(), if !pending.is_empty() => {
+                sinks.report(meta, outcome).await;
+            }
+            ctl = control_rx.recv(), if control_open => match ctl {
+                Some(Control::Abandon) => {
+                    while let Ok(p) = pending_rx.try_recv() {
+                        pending.push(p);
+                    }
+                    for mut p in std::mem::take(&mut pending) {
+                        if let Some(meta) = p.meta.take() {
+                            let err = TransportError::Timeout(
+                                "no broker ACK before the close deadline; the message may or may not be stored".into(),
+                            );
+                            sinks.report(meta, Err(err)).await;
+                        }
+                    }
+                }
+                // Buffered messages are still received; then `recv` yields None.
+                Some(Control::Shutdown) => pending_rx.close(),
+                None => control_open = false,
+            },
+            next = pending_rx.recv(), if open => match next {
+                Some(p) => pending.push(p),
+                None => open = false,
+            },
+        }
+    }
+    // Dropping the stream sender ends a reader's `recv` loop once it has every result.
+    if let Ok(mut slot) = sinks.stream.lock() {
+        slot.take();
+    }
+}
