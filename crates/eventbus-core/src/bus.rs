@@ -1,6 +1,6 @@
 //! [`Bus`]: the public API, the same over every transport.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -146,19 +146,22 @@ impl SubscriptionHandle {
 pub struct BusBuilder<T: Transport> {
     transport: T,
     config: BusConfig,
-    callback: Option<ResultCallback>,
 }
 
 impl<T: Transport> BusBuilder<T> {
-    /// Sets the configuration (default: [`BusConfig::default`]).
-    pub fn config(mut self, config: BusConfig) -> Self {
+    /// Sets the configuration (default: [`BusConfig::default`]). A result callback set
+    /// before is kept unless `config` has one.
+    pub fn config(mut self, mut config: BusConfig) -> Self {
+        if config.publish.on_result.is_none() {
+            config.publish.on_result = self.config.publish.on_result.take();
+        }
         self.config = config;
         self
     }
 
     /// Calls `f` with every publish result, on the bus's ACK collector task: keep it short.
     pub fn on_publish_result(mut self, f: impl Fn(&PublishResult) + Send + Sync + 'static) -> Self {
-        self.callback = Some(Arc::new(f));
+        self.config.publish.on_result = Some(ResultCallback::new(f));
         self
     }
 
@@ -171,7 +174,6 @@ impl<T: Transport> BusBuilder<T> {
         let (publisher, collector) = Publisher::start(
             transport.clone(),
             self.config.publish.clone(),
-            self.callback,
             metrics.clone(),
         );
         Ok(Bus {
@@ -185,6 +187,7 @@ impl<T: Transport> BusBuilder<T> {
                 metrics,
                 closing: AtomicBool::new(false),
                 closed: AtomicBool::new(false),
+                next_route: AtomicU64::new(1),
             }),
         })
     }
@@ -200,6 +203,7 @@ struct BusInner<T: Transport> {
     metrics: Arc<Metrics>,
     closing: AtomicBool,
     closed: AtomicBool,
+    next_route: AtomicU64,
 }
 
 /// An event bus over transport `T`. Cheap to clone; clones share everything.
@@ -236,7 +240,6 @@ impl<T: Transport> Bus<T> {
         BusBuilder {
             transport,
             config: BusConfig::default(),
-            callback: None,
         }
     }
 
@@ -448,6 +451,7 @@ impl<T: Transport> Bus<T> {
             .await?;
         let dispatcher = self.dispatcher()?;
         let route = Arc::new(Route::new(
+            self.inner.next_route.fetch_add(1, Ordering::Relaxed),
             topic.to_string(),
             group.to_string(),
             dead_letter_topic,

@@ -70,9 +70,16 @@ pub fn decode(payload: &Bytes, headers: &Headers, max_bytes: usize) -> Result<By
                     limit: max_bytes,
                 });
             }
-            lz4_flex::block::decompress_size_prepended(payload)
-                .map(Bytes::from)
-                .map_err(|e| CodecError::Corrupt(e.to_string()))
+            let decoded = lz4_flex::block::decompress_size_prepended(payload)
+                .map_err(|e| CodecError::Corrupt(e.to_string()))?;
+            // lz4_flex can return a short buffer for a truncated frame instead of an error.
+            if decoded.len() != declared {
+                return Err(CodecError::Corrupt(format!(
+                    "decoded {} bytes, the frame declares {declared}",
+                    decoded.len()
+                )));
+            }
+            Ok(Bytes::from(decoded))
         }
         Some(other) => Err(CodecError::UnknownEncoding(other.to_string())),
     }

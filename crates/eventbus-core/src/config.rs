@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::codec::Compression;
 use crate::error::BusError;
+use crate::publish::ResultCallback;
 
 /// Publishes awaiting a broker ACK at most (seed: `PublishAsyncMaxPending(10000)`).
 pub const DEFAULT_IN_FLIGHT_WINDOW: usize = 10_000;
@@ -91,6 +92,8 @@ pub struct PublishConfig {
     pub max_message_bytes: usize,
     /// Deadline of `flush()` and of each phase of `close()` (default 30 s).
     pub close_timeout: Duration,
+    /// Called with every publish result on the bus's ACK collector task (default none).
+    pub on_result: Option<ResultCallback>,
 }
 
 impl Default for PublishConfig {
@@ -103,6 +106,7 @@ impl Default for PublishConfig {
             compression_min_bytes: DEFAULT_COMPRESSION_MIN_BYTES,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             close_timeout: DEFAULT_CLOSE_TIMEOUT,
+            on_result: None,
         }
     }
 }
@@ -223,6 +227,14 @@ impl BusConfig {
     /// Sets the flush/close deadline.
     pub fn with_close_timeout(mut self, d: Duration) -> Self {
         self.publish.close_timeout = d;
+        self
+    }
+    /// Calls `f` with every publish result (on the ACK collector task: keep it short).
+    pub fn with_result_callback(
+        mut self,
+        f: impl Fn(&crate::PublishResult) + Send + Sync + 'static,
+    ) -> Self {
+        self.publish.on_result = Some(ResultCallback::new(f));
         self
     }
     /// Sets the number of keyed workers.

@@ -26,6 +26,9 @@ pub const DLQ_TOPIC: &str = "X-DLQ-Topic";
 pub const DLQ_GROUP: &str = "X-DLQ-Group";
 /// On a dead-lettered message: how many times the handler was tried.
 pub const DLQ_ATTEMPTS: &str = "X-DLQ-Attempts";
+/// On a dead letter whose payload could not be decoded: its original `X-Content-Encoding`
+/// (moved here so a dead-letter reader gets the raw bytes instead of failing again).
+pub const DLQ_CONTENT_ENCODING: &str = "X-DLQ-Content-Encoding";
 /// On a dead-lettered message: why it was dead-lettered (`handler`, `malformed`, `codec`).
 pub const DLQ_REASON: &str = "X-DLQ-Reason";
 

@@ -37,7 +37,25 @@ impl PublishResult {
 }
 
 /// Callback invoked with every publish result, on the collector task: keep it short.
-pub type ResultCallback = Arc<dyn Fn(&PublishResult) + Send + Sync>;
+#[derive(Clone)]
+pub struct ResultCallback(Arc<dyn Fn(&PublishResult) + Send + Sync>);
+
+impl ResultCallback {
+    /// Wraps `f`.
+    pub fn new(f: impl Fn(&PublishResult) + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+
+    fn call(&self, r: &PublishResult) {
+        (self.0)(r)
+    }
+}
+
+impl std::fmt::Debug for ResultCallback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ResultCallback(..)")
+    }
+}
 
 /// The stream of publish results, from [`crate::Bus::results`]. Bounded: a reader that falls
 /// behind slows publishing down; results are never dropped.
@@ -134,7 +152,7 @@ impl Sinks {
         };
         if let Some(cb) = &self.callback {
             // A panicking callback must not kill the collector and strand every later result.
-            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cb(&result))).is_err() {
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cb.call(&result))).is_err() {
                 tracing::error!(event_id = %result.event_id, "publish result callback panicked");
             }
         }
@@ -170,9 +188,9 @@ impl<T: Transport> Publisher<T> {
     pub(crate) fn start(
         transport: Arc<T>,
         config: PublishConfig,
-        callback: Option<ResultCallback>,
         metrics: Arc<Metrics>,
     ) -> (Arc<Self>, tokio::task::JoinHandle<()>) {
+        let callback = config.on_result.clone();
         let window_size = config.in_flight_window;
         let (pending_tx, pending_rx) = mpsc::channel(window_size);
         let (control_tx, control_rx) = mpsc::channel(1);

@@ -3,19 +3,28 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
+/// An event id as seen by one subscription: workers are shared by every subscription of a
+/// bus, and each group must get its own copy of an event.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct DedupKey {
+    route: u64,
+    id: EventIdKey,
+}
+
 /// UUIDs (the default event ids) are kept as 128-bit numbers; other ids as strings.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(crate) enum DedupKey {
+enum EventIdKey {
     Uuid(u128),
     Text(Arc<str>),
 }
 
 impl DedupKey {
-    pub(crate) fn new(event_id: &str) -> Self {
-        match uuid::Uuid::try_parse(event_id) {
-            Ok(u) => DedupKey::Uuid(u.as_u128()),
-            Err(_) => DedupKey::Text(Arc::from(event_id)),
-        }
+    pub(crate) fn new(route: u64, event_id: &str) -> Self {
+        let id = match uuid::Uuid::try_parse(event_id) {
+            Ok(u) => EventIdKey::Uuid(u.as_u128()),
+            Err(_) => EventIdKey::Text(Arc::from(event_id)),
+        };
+        Self { route, id }
     }
 }
 
@@ -62,9 +71,9 @@ mod tests {
     fn remembers_the_last_capacity_ids() {
         let mut s = DedupSet::new(2);
         let ids = [
-            DedupKey::new("0190a000-0000-7000-8000-000000000001"),
-            DedupKey::new("plain-id"),
-            DedupKey::new("another"),
+            DedupKey::new(1, "0190a000-0000-7000-8000-000000000001"),
+            DedupKey::new(1, "plain-id"),
+            DedupKey::new(1, "another"),
         ];
         s.insert(ids[0].clone());
         s.insert(ids[1].clone());
@@ -72,13 +81,14 @@ mod tests {
         s.insert(ids[2].clone());
         assert!(!s.contains(&ids[0]));
         assert!(s.contains(&ids[2]));
-        assert!(matches!(ids[0], DedupKey::Uuid(_)));
+        assert!(matches!(ids[0].id, EventIdKey::Uuid(_)));
+        assert!(!s.contains(&DedupKey::new(2, "another")), "keys are per subscription");
     }
 
     #[test]
     fn zero_capacity_remembers_nothing() {
         let mut s = DedupSet::new(0);
-        s.insert(DedupKey::new("a"));
-        assert!(!s.contains(&DedupKey::new("a")));
+        s.insert(DedupKey::new(1, "a"));
+        assert!(!s.contains(&DedupKey::new(1, "a")));
     }
 }

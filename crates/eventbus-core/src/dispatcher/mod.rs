@@ -34,6 +34,8 @@ pub(crate) type DeliveryOf<T> = <<T as Transport>::Subscription as Subscription>
 
 /// One subscription's routing data, shared by its jobs.
 pub(crate) struct Route {
+    /// Unique within the bus: keys the workers' dedup sets.
+    pub(crate) id: u64,
     pub(crate) topic: String,
     pub(crate) group: String,
     pub(crate) dead_letter_topic: String,
@@ -46,6 +48,7 @@ pub(crate) struct Route {
 
 impl Route {
     pub(crate) fn new(
+        id: u64,
         topic: String,
         group: String,
         dead_letter_topic: String,
@@ -53,6 +56,7 @@ impl Route {
         envelopes: bool,
     ) -> Self {
         Self {
+            id,
             topic,
             group,
             dead_letter_topic,

@@ -83,7 +83,7 @@ impl<T: Transport> WorkerContext<T> {
         let key = msg
             .event_id()
             .filter(|_| self.dedup_enabled)
-            .map(DedupKey::new);
+            .map(|id| DedupKey::new(route.id, id));
         if let Some(k) = &key {
             if dedup.contains(k) {
                 Metrics::inc(&self.metrics.deduplicated);
@@ -166,6 +166,11 @@ impl<T: Transport> WorkerContext<T> {
             .map(str::to_owned)
             .unwrap_or_else(new_event_id);
         hdrs.insert(headers::EVENT_ID, event_id.clone());
+        if err.kind() == FailureKind::Codec {
+            if let Some(enc) = hdrs.remove(headers::CONTENT_ENCODING) {
+                hdrs.insert(headers::DLQ_CONTENT_ENCODING, enc);
+            }
+        }
         hdrs.insert(headers::DLQ_ERROR, truncate(err.message(), MAX_ERROR_HEADER_BYTES));
         hdrs.insert(headers::DLQ_REASON, err.kind().as_str());
         hdrs.insert(headers::DLQ_TOPIC, route.topic.as_str());
