@@ -622,6 +622,7 @@ async fn run_fetcher<T: Transport>(
         {
             Ok(batch) => {
                 for delivery in batch {
+                    Metrics::inc(&metrics.fetched);
                     dispatcher.dispatch(delivery, &route).await;
                 }
             }

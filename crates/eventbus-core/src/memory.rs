@@ -74,6 +74,14 @@ pub struct MemoryBroker {
     state: Arc<BrokerState>,
 }
 
+impl std::fmt::Debug for MemoryBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBroker")
+            .field("config", &self.state.config)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Default)]
 struct BrokerState {
     config: MemoryConfig,

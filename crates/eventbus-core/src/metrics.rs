@@ -44,6 +44,8 @@ counters! {
     publish_failed,
     /// Publishes the broker reported as duplicates of an earlier `event_id`.
     publish_duplicates,
+    /// Messages the fetchers handed to the dispatcher.
+    fetched,
     /// Messages whose handler succeeded.
     handled,
     /// Failed handler attempts (panics included).

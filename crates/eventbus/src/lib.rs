@@ -1,1 +1,54 @@
-//! placeholder
+//! eventbus: one API for event-driven services over Kafka, NATS JetStream and an embedded
+//! in-memory backend. Applications pick the broker by cargo feature and configuration; the
+//! code that publishes and subscribes stays the same.
+//!
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use eventbus::{BackendConfig, BusConfig, Envelope, EventBus, HandlerError};
+//!
+//! // "memory://" here; "nats://127.0.0.1:4222" or "kafka://127.0.0.1:9092" with those features.
+//! let backend = BackendConfig::from_url("memory://")?;
+//! let bus = EventBus::connect(backend, BusConfig::default()).await?;
+//! bus.subscribe_envelope("orders", "billing", |e: Envelope| async move {
+//!     println!("{} v{}", e.aggregate_id, e.event_version);
+//!     Ok::<(), HandlerError>(())
+//! }).await?;
+//! let e = Envelope::new("order-1", "order.created", 1, serde_json::json!({"total": 42}));
+//! bus.publish_envelope("orders", &e).await?;
+//! bus.close().await?;
+//! # Ok::<(), eventbus::BusError>(()) }).unwrap();
+//! ```
+//!
+//! Cargo features: `nats` (JetStream through async-nats) and `kafka` (rdkafka) add backends;
+//! the memory backend is always there.
+
+mod any;
+
+pub use any::{AnyAck, AnyDelivery, AnySubscription, AnyTransport, BackendConfig};
+pub use eventbus_core::memory::{MemoryBroker, MemoryConfig};
+pub use eventbus_core::{
+    codec, headers, BrokerPosition, Bus, BusBuilder, BusConfig, BusError, Capabilities,
+    Compression, ConnectionState, DispatchConfig, Envelope, EnvelopeError, EnvelopeHandler,
+    Handler, HandlerError, Headers, Health, Message, MetricsSnapshot, Publication,
+    PublishConfig, PublishResult, PublishResults, Receipt, RetryPolicy, SubscribeOptions,
+    SubscriptionHandle, TransportError,
+};
+
+/// The bus over whichever backend the configuration names.
+pub type EventBus = Bus<AnyTransport>;
+
+/// Connecting an [`EventBus`] from a [`BackendConfig`].
+pub trait Connect: Sized {
+    /// Connects to the backend and starts a bus with `config`.
+    fn connect(
+        backend: BackendConfig,
+        config: BusConfig,
+    ) -> impl std::future::Future<Output = Result<Self, BusError>> + Send;
+}
+
+impl Connect for EventBus {
+    async fn connect(backend: BackendConfig, config: BusConfig) -> Result<Self, BusError> {
+        let transport = AnyTransport::connect(backend).await?;
+        Bus::new(transport, config)
+    }
+}
