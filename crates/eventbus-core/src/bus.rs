@@ -347,7 +347,12 @@ impl<T: Transport> Bus<T> {
             .into());
         }
         let compression = compression.unwrap_or_else(|| cfg.compression_for(&topic));
-        let payload = codec::encode(payload, compression, cfg.compression_min_bytes, &mut headers);
+        let payload = codec::encode(
+            payload,
+            compression,
+            cfg.compression_min_bytes,
+            &mut headers,
+        );
         Ok(OutgoingMessage {
             topic,
             event_id,
@@ -412,8 +417,14 @@ impl<T: Transport> Bus<T> {
         options: SubscribeOptions,
         handler: impl EnvelopeHandler,
     ) -> Result<SubscriptionHandle, BusError> {
-        self.subscribe_inner(topic, group, options, Arc::new(EnvelopeAdapter(handler)), true)
-            .await
+        self.subscribe_inner(
+            topic,
+            group,
+            options,
+            Arc::new(EnvelopeAdapter(handler)),
+            true,
+        )
+        .await
     }
 
     async fn subscribe_inner(
@@ -432,9 +443,10 @@ impl<T: Transport> Bus<T> {
         if options.batch_size == 0 {
             return Err(BusError::Config("batch_size must be at least 1".into()));
         }
-        let dead_letter_topic = options.dead_letter_topic.clone().unwrap_or_else(|| {
-            format!("{topic}{}", self.inner.config.dispatch.dead_letter_suffix)
-        });
+        let dead_letter_topic = options
+            .dead_letter_topic
+            .clone()
+            .unwrap_or_else(|| format!("{topic}{}", self.inner.config.dispatch.dead_letter_suffix));
         validate_topic(&dead_letter_topic)?;
         if dead_letter_topic == topic {
             return Err(BusError::Config(
@@ -485,11 +497,7 @@ impl<T: Transport> Bus<T> {
     }
 
     fn dispatcher(&self) -> Result<Arc<Dispatcher<T>>, BusError> {
-        let mut slot = self
-            .inner
-            .dispatcher
-            .lock()
-            .map_err(|_| BusError::Closed)?;
+        let mut slot = self.inner.dispatcher.lock().map_err(|_| BusError::Closed)?;
         if let Some(d) = slot.as_ref() {
             return Ok(d.clone());
         }

@@ -322,9 +322,18 @@ mod tests {
 
     #[test]
     fn zero_sizes_are_rejected() {
-        assert!(BusConfig::default().with_keyed_workers(0).validate().is_err());
-        assert!(BusConfig::default().with_max_attempts(0).validate().is_err());
-        assert!(BusConfig::default().with_in_flight_window(0).validate().is_err());
+        assert!(BusConfig::default()
+            .with_keyed_workers(0)
+            .validate()
+            .is_err());
+        assert!(BusConfig::default()
+            .with_max_attempts(0)
+            .validate()
+            .is_err());
+        assert!(BusConfig::default()
+            .with_in_flight_window(0)
+            .validate()
+            .is_err());
     }
 
     #[test]

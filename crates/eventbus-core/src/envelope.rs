@@ -246,14 +246,21 @@ mod tests {
 
     #[test]
     fn malformed_json_is_a_typed_error() {
-        for bad in [&b"{not json"[..], b"", b"[]", b"{\"event_id\":1}", &[0xff, 0xfe]] {
+        for bad in [
+            &b"{not json"[..],
+            b"",
+            b"[]",
+            b"{\"event_id\":1}",
+            &[0xff, 0xfe],
+        ] {
             assert!(matches!(
                 Envelope::from_json(bad),
                 Err(EnvelopeError::Malformed(_))
             ));
         }
         // Valid JSON with an empty required field is rejected by validation.
-        let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json().unwrap()).unwrap();
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&sample().to_json().unwrap()).unwrap();
         v["event_type"] = json!("");
         assert_eq!(
             Envelope::from_json(&serde_json::to_vec(&v).unwrap()),

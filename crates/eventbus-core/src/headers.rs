@@ -107,7 +107,10 @@ impl Headers {
 
     /// Approximate wire size of the headers, used for the message size limit.
     pub fn wire_len(&self) -> usize {
-        self.entries.iter().map(|(n, v)| n.len() + v.len() + 4).sum()
+        self.entries
+            .iter()
+            .map(|(n, v)| n.len() + v.len() + 4)
+            .sum()
     }
 }
 

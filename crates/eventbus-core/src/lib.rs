@@ -31,15 +31,15 @@ pub mod memory;
 mod message;
 mod metrics;
 mod publish;
-mod transport;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+mod transport;
 
 pub use bus::{Bus, BusBuilder, Publication, SubscriptionHandle};
 pub use codec::{CodecError, Compression};
 pub use config::{
-    BusConfig, DispatchConfig, PublishConfig, RetryPolicy, SubscribeOptions,
-    DEFAULT_BATCH_SIZE, DEFAULT_IN_FLIGHT_WINDOW, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_WAIT,
+    BusConfig, DispatchConfig, PublishConfig, RetryPolicy, SubscribeOptions, DEFAULT_BATCH_SIZE,
+    DEFAULT_IN_FLIGHT_WINDOW, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_WAIT,
 };
 pub use envelope::{new_event_id, Envelope, EnvelopeError};
 pub use error::{BusError, HandlerError, TransportError};

@@ -527,12 +527,19 @@ impl Transport for MemoryTransport {
         Ok(ready(Ok(receipt)))
     }
 
-    async fn subscribe(&self, spec: SubscriptionSpec) -> Result<Self::Subscription, TransportError> {
+    async fn subscribe(
+        &self,
+        spec: SubscriptionSpec,
+    ) -> Result<Self::Subscription, TransportError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(TransportError::Closed);
         }
         let topic = self.broker.topic(&spec.topic);
-        let member = self.broker.state.next_member.fetch_add(1, Ordering::Relaxed);
+        let member = self
+            .broker
+            .state
+            .next_member
+            .fetch_add(1, Ordering::Relaxed);
         let group = lock(&topic.state).join(&spec.group, member);
         topic.notify.notify_waiters();
         Ok(MemorySubscription {

@@ -152,7 +152,8 @@ impl Sinks {
         };
         if let Some(cb) = &self.callback {
             // A panicking callback must not kill the collector and strand every later result.
-            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cb.call(&result))).is_err() {
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cb.call(&result))).is_err()
+            {
                 tracing::error!(event_id = %result.event_id, "publish result callback panicked");
             }
         }

@@ -1,7 +1,7 @@
 //! The conformance kit: the same cases for every backend (DESIGN.md §3 "Identical
 //! behaviour"). A backend implements [`Backend`] and runs all cases with one line:
 //!
-//! ```ignore
+//! ```text
 //! async fn backend() -> MyBackend { MyBackend::from_env().await }
 //! eventbus_core::conformance_tests!(backend);
 //! ```
@@ -22,8 +22,8 @@ use serde_json::json;
 use tokio::sync::Notify;
 
 use crate::{
-    headers, Bus, BusConfig, BusError, Compression, Envelope, HandlerError, Message,
-    Publication, PublishResult, RetryPolicy, Transport, TransportError,
+    headers, Bus, BusConfig, BusError, Compression, Envelope, HandlerError, Message, Publication,
+    PublishResult, RetryPolicy, Transport, TransportError,
 };
 
 /// The names of every case, in the order [`conformance_tests!`](crate::conformance_tests)
@@ -91,7 +91,9 @@ pub fn unique(name: &str) -> String {
 }
 
 async fn connect<B: Backend>(b: &B, config: BusConfig) -> Bus<B::Transport> {
-    b.connect(config).await.expect("connect to the broker under test")
+    b.connect(config)
+        .await
+        .expect("connect to the broker under test")
 }
 
 /// Collects what handlers saw and wakes waiters.
@@ -168,10 +170,10 @@ impl<T: Clone + Send + 'static> Recorder<T> {
 
 impl Recorder<Message> {
     /// A handler that records every message.
-    pub fn handler(&self) -> impl Fn(Message) -> futures_util::future::Ready<Result<(), HandlerError>>
-           + Send
-           + Sync
-           + 'static {
+    pub fn handler(
+        &self,
+    ) -> impl Fn(Message) -> futures_util::future::Ready<Result<(), HandlerError>> + Send + Sync + 'static
+    {
         let r = self.clone();
         move |m: Message| {
             r.push(m);
@@ -184,10 +186,8 @@ impl Recorder<Envelope> {
     /// An envelope handler that records every envelope.
     pub fn envelope_handler(
         &self,
-    ) -> impl Fn(Envelope) -> futures_util::future::Ready<Result<(), HandlerError>>
-           + Send
-           + Sync
-           + 'static {
+    ) -> impl Fn(Envelope) -> futures_util::future::Ready<Result<(), HandlerError>> + Send + Sync + 'static
+    {
         let r = self.clone();
         move |e: Envelope| {
             r.push(e);
@@ -230,9 +230,13 @@ pub fn ordering_violations(items: &[Envelope]) -> usize {
 
 async fn subscribe_dlq<T: Transport>(bus: &Bus<T>, topic: &str) -> Recorder<Message> {
     let dlq = Recorder::default();
-    bus.subscribe(&format!("{topic}.dlq"), &unique("dlq-reader"), dlq.handler())
-        .await
-        .expect("subscribe to the dead-letter topic");
+    bus.subscribe(
+        &format!("{topic}.dlq"),
+        &unique("dlq-reader"),
+        dlq.handler(),
+    )
+    .await
+    .expect("subscribe to the dead-letter topic");
     dlq
 }
 
@@ -241,8 +245,13 @@ pub async fn round_trip<B: Backend>(b: &B) {
     let bus = connect(b, kit_config()).await;
     let topic = unique("round-trip");
     let rec = Recorder::default();
-    bus.subscribe(&topic, "g1", rec.handler()).await.expect("subscribe");
-    let id = bus.publish(&topic, &b"hello bytes"[..]).await.expect("publish");
+    bus.subscribe(&topic, "g1", rec.handler())
+        .await
+        .expect("subscribe");
+    let id = bus
+        .publish(&topic, &b"hello bytes"[..])
+        .await
+        .expect("publish");
     let e = env("agg-1", 1);
     let r = bus
         .publish_envelope_and_wait(&topic, &e)
@@ -269,7 +278,9 @@ pub async fn headers_round_trip<B: Backend>(b: &B) {
     let bus = connect(b, kit_config()).await;
     let topic = unique("headers");
     let rec = Recorder::default();
-    bus.subscribe(&topic, "g1", rec.handler()).await.expect("subscribe");
+    bus.subscribe(&topic, "g1", rec.handler())
+        .await
+        .expect("subscribe");
     let e = env("agg-h", 7)
         .with_trace_id("trace-1")
         .with_correlation_id("corr-1")
@@ -416,7 +427,9 @@ pub async fn retry_then_success<B: Backend>(b: &B) {
     .await
     .expect("subscribe");
     for v in 1..=5 {
-        bus.publish_envelope(&topic, &env("agg-r", v)).await.expect("publish");
+        bus.publish_envelope(&topic, &env("agg-r", v))
+            .await
+            .expect("publish");
     }
     let got = rec.wait_for(5, "five envelopes").await;
     assert_eq!(versions_of(&got, "agg-r"), vec![1, 2, 3, 4, 5]);
@@ -449,10 +462,14 @@ pub async fn panic_is_an_error<B: Backend>(b: &B) {
     .expect("subscribe");
     let workers_before = bus.metrics().workers;
     for v in 1..=5 {
-        bus.publish_envelope(&topic, &env("agg-p", v)).await.expect("publish");
+        bus.publish_envelope(&topic, &env("agg-p", v))
+            .await
+            .expect("publish");
     }
     rec.wait_for(5, "five envelopes").await;
-    bus.publish_envelope(&topic, &env("agg-p", 6)).await.expect("publish");
+    bus.publish_envelope(&topic, &env("agg-p", 6))
+        .await
+        .expect("publish");
     let got = rec.wait_for(6, "the envelope after the panic").await;
     assert_eq!(versions_of(&got, "agg-p"), vec![1, 2, 3, 4, 5, 6]);
     let m = bus.metrics();
@@ -484,15 +501,22 @@ pub async fn dead_letter_after_attempts<B: Backend>(b: &B) {
     .await
     .expect("subscribe");
     let bad = env("agg-d", 2);
-    bus.publish_envelope(&topic, &env("agg-d", 1)).await.expect("publish");
+    bus.publish_envelope(&topic, &env("agg-d", 1))
+        .await
+        .expect("publish");
     bus.publish_envelope(&topic, &bad).await.expect("publish");
-    bus.publish_envelope(&topic, &env("agg-d", 3)).await.expect("publish");
+    bus.publish_envelope(&topic, &env("agg-d", 3))
+        .await
+        .expect("publish");
     let got = rec.wait_for(2, "v1 and v3").await;
     assert_eq!(versions_of(&got, "agg-d"), vec![1, 3]);
     let dead = dlq.wait_for(1, "one dead letter").await;
     let h = dead[0].headers();
     assert_eq!(dead[0].event_id(), Some(bad.event_id.as_str()));
-    assert!(h.get(headers::DLQ_ERROR).unwrap_or_default().contains("boom-v2"));
+    assert!(h
+        .get(headers::DLQ_ERROR)
+        .unwrap_or_default()
+        .contains("boom-v2"));
     assert_eq!(h.get(headers::DLQ_ATTEMPTS), Some("3"));
     assert_eq!(h.get(headers::DLQ_TOPIC), Some(topic.as_str()));
     assert_eq!(h.get(headers::DLQ_GROUP), Some("g1"));
@@ -515,7 +539,11 @@ pub async fn consumer_group_shares_work<B: Backend>(b: &B) {
         "[conformance] backend {} partitioned_groups={} (order across instances {})",
         a.health().backend,
         caps.partitioned_groups,
-        if caps.partitioned_groups { "asserted" } else { "not asserted" }
+        if caps.partitioned_groups {
+            "asserted"
+        } else {
+            "not asserted"
+        }
     );
     // One log for both instances, in handling order: (instance, envelope).
     let log: Recorder<(u8, Envelope)> = Recorder::default();
@@ -566,7 +594,11 @@ pub async fn consumer_group_shares_work<B: Backend>(b: &B) {
     assert_eq!(seen.len(), published.len(), "messages lost");
     if caps.partitioned_groups {
         let envs: Vec<Envelope> = got.iter().map(|(_, e)| e.clone()).collect();
-        assert_eq!(ordering_violations(&envs), 0, "order broken across instances");
+        assert_eq!(
+            ordering_violations(&envs),
+            0,
+            "order broken across instances"
+        );
     }
     a.close().await.expect("close");
     c.close().await.expect("close");
@@ -577,12 +609,19 @@ pub async fn independent_groups<B: Backend>(b: &B) {
     let bus = connect(b, kit_config()).await;
     let topic = unique("groups");
     let (r1, r2) = (Recorder::default(), Recorder::default());
-    bus.subscribe(&topic, "billing", r1.handler()).await.expect("subscribe");
-    bus.subscribe(&topic, "shipping", r2.handler()).await.expect("subscribe");
+    bus.subscribe(&topic, "billing", r1.handler())
+        .await
+        .expect("subscribe");
+    bus.subscribe(&topic, "shipping", r2.handler())
+        .await
+        .expect("subscribe");
     for i in 0..20 {
-        bus.send(Publication::new(&topic, Bytes::from(format!("m{i}"))).aggregate_id(format!("a{}", i % 4)))
-            .await
-            .expect("publish");
+        bus.send(
+            Publication::new(&topic, Bytes::from(format!("m{i}")))
+                .aggregate_id(format!("a{}", i % 4)),
+        )
+        .await
+        .expect("publish");
     }
     assert_eq!(r1.wait_for(20, "group billing").await.len(), 20);
     assert_eq!(r2.wait_for(20, "group shipping").await.len(), 20);
@@ -621,12 +660,18 @@ pub async fn resume_after_restart<B: Backend>(b: &B) {
         .await
         .expect("subscribe");
     for v in 1..=10 {
-        publisher.publish_envelope(&topic, &env("agg-x", v)).await.expect("publish");
+        publisher
+            .publish_envelope(&topic, &env("agg-x", v))
+            .await
+            .expect("publish");
     }
     rec1.wait_for(10, "first half").await;
     first.close().await.expect("close first instance");
     for v in 11..=20 {
-        publisher.publish_envelope(&topic, &env("agg-x", v)).await.expect("publish");
+        publisher
+            .publish_envelope(&topic, &env("agg-x", v))
+            .await
+            .expect("publish");
     }
     publisher.flush().await.expect("flush");
     let second = connect(b, kit_config()).await;
@@ -636,7 +681,9 @@ pub async fn resume_after_restart<B: Backend>(b: &B) {
         .await
         .expect("subscribe");
     let got = rec2
-        .wait_until("second half", |items| items.iter().any(|e| e.event_version == 20))
+        .wait_until("second half", |items| {
+            items.iter().any(|e| e.event_version == 20)
+        })
         .await;
     assert_eq!(
         versions_of(&got, "agg-x"),
@@ -668,7 +715,8 @@ pub async fn one_result_per_publish<B: Backend>(b: &B) {
         let id = if i % 2 == 0 {
             bus.publish(&topic, Bytes::from(format!("raw {i}"))).await
         } else {
-            bus.publish_envelope(&topic, &env("agg-res", i as i64)).await
+            bus.publish_envelope(&topic, &env("agg-res", i as i64))
+                .await
         };
         ids.push(id.expect("publish"));
     }
@@ -693,10 +741,17 @@ pub async fn one_result_per_publish<B: Backend>(b: &B) {
     assert!(stream.recv().await.is_none(), "more results than publishes");
     assert_eq!(seen.len(), ids.len());
     assert!(seen.values().all(|n| *n == 1));
-    let by_callback = by_callback.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let by_callback = by_callback
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     for id in &ids {
         assert_eq!(seen.get(id), Some(&1), "stream: no single result for {id}");
-        assert_eq!(by_callback.get(id), Some(&1), "callback: no single result for {id}");
+        assert_eq!(
+            by_callback.get(id),
+            Some(&1),
+            "callback: no single result for {id}"
+        );
     }
     assert_eq!(by_callback.len(), ids.len());
 }
@@ -711,16 +766,26 @@ pub async fn dedup_by_event_id<B: Backend>(b: &B) {
         .await
         .expect("subscribe");
     let e = env("agg-dd", 1);
-    let first = bus.publish_envelope_and_wait(&topic, &e).await.expect("publish");
-    let second = bus.publish_envelope_and_wait(&topic, &e).await.expect("publish");
+    let first = bus
+        .publish_envelope_and_wait(&topic, &e)
+        .await
+        .expect("publish");
+    let second = bus
+        .publish_envelope_and_wait(&topic, &e)
+        .await
+        .expect("publish");
     assert!(first.is_ok() && second.is_ok(), "{first:?} {second:?}");
     assert_eq!(second.event_id, e.event_id);
     if bus.capabilities().publish_dedup {
         assert_eq!(second.outcome.as_ref().map(|r| r.duplicate), Ok(true));
     }
-    bus.publish_envelope(&topic, &env("agg-dd", 2)).await.expect("publish");
+    bus.publish_envelope(&topic, &env("agg-dd", 2))
+        .await
+        .expect("publish");
     let got = rec
-        .wait_until("the sentinel", |items| items.iter().any(|x| x.event_version == 2))
+        .wait_until("the sentinel", |items| {
+            items.iter().any(|x| x.event_version == 2)
+        })
         .await;
     assert_eq!(
         got.iter().filter(|x| x.event_id == e.event_id).count(),
@@ -740,7 +805,10 @@ pub async fn close_while_publishing_loses_nothing<B: Backend>(b: &B) {
     let (pb, acc, t) = (bus.clone(), accepted.clone(), topic.clone());
     let publisher = tokio::spawn(async move {
         for v in 1..=20_000i64 {
-            match pb.publish_envelope(&t, &env(&format!("agg-{}", v % 16), v)).await {
+            match pb
+                .publish_envelope(&t, &env(&format!("agg-{}", v % 16), v))
+                .await
+            {
                 Ok(id) => acc.lock().unwrap_or_else(|e| e.into_inner()).push(id),
                 Err(BusError::Closed) => return true,
                 Err(e) => panic!("unexpected publish error {e}"),
@@ -767,7 +835,11 @@ pub async fn close_while_publishing_loses_nothing<B: Backend>(b: &B) {
         assert!(r.is_ok(), "{r:?}");
         *results.entry(r.event_id).or_insert(0) += 1;
     }
-    assert_eq!(results.len(), accepted.len(), "one result per accepted publish");
+    assert_eq!(
+        results.len(),
+        accepted.len(),
+        "one result per accepted publish"
+    );
     assert!(results.values().all(|n| *n == 1));
     let reader = connect(b, kit_config()).await;
     let rec: Recorder<Envelope> = Recorder::default();
@@ -795,9 +867,13 @@ pub async fn compression_round_trip<B: Backend>(b: &B) {
     let bus = connect(b, kit_config().with_compression(Compression::Lz4)).await;
     let topic = unique("lz4");
     let rec = Recorder::default();
-    bus.subscribe(&topic, "g1", rec.handler()).await.expect("subscribe");
+    bus.subscribe(&topic, "g1", rec.handler())
+        .await
+        .expect("subscribe");
     let payload = varied_json(200);
-    bus.publish_and_wait(&topic, payload.clone()).await.expect("publish");
+    bus.publish_and_wait(&topic, payload.clone())
+        .await
+        .expect("publish");
     let got = rec.wait_for(1, "compressed message").await;
     assert_eq!(got[0].payload(), &payload);
     assert!(got[0].headers().get(headers::CONTENT_ENCODING).is_none());
@@ -810,7 +886,10 @@ pub async fn mixed_compressed_and_plain<B: Backend>(b: &B) {
     let lz = connect(b, kit_config().with_compression(Compression::Lz4)).await;
     let plain = connect(b, kit_config()).await;
     let rec = Recorder::default();
-    plain.subscribe(&topic, "g1", rec.handler()).await.expect("subscribe");
+    plain
+        .subscribe(&topic, "g1", rec.handler())
+        .await
+        .expect("subscribe");
     let big = varied_json(100);
     let id1 = lz.publish(&topic, big.clone()).await.expect("publish");
     let id2 = plain.publish(&topic, big.clone()).await.expect("publish");
@@ -869,7 +948,10 @@ pub async fn malformed_input_dead_letter<B: Backend>(b: &B) {
         .find(|m| m.event_id() == Some(bad_lz4.as_str()))
         .expect("corrupt frame dead letter");
     assert_eq!(&corrupt.payload()[..], b"\x10\x00\x00\x00garbage-not-lz4");
-    assert_eq!(corrupt.headers().get(headers::DLQ_CONTENT_ENCODING), Some("lz4"));
+    assert_eq!(
+        corrupt.headers().get(headers::DLQ_CONTENT_ENCODING),
+        Some("lz4")
+    );
     assert!(bus.metrics().malformed >= 2);
     bus.close().await.expect("close");
 }
@@ -900,7 +982,8 @@ pub async fn bad_input_is_rejected<B: Backend>(b: &B) {
         Err(BusError::Envelope(crate::EnvelopeError::EmptyEventType))
     ));
     assert!(matches!(
-        bus.subscribe(&topic, "bad group!", Recorder::default().handler()).await,
+        bus.subscribe(&topic, "bad group!", Recorder::default().handler())
+            .await,
         Err(BusError::Config(_))
     ));
     assert_eq!(bus.metrics().published, 0);

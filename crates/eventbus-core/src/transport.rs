@@ -182,7 +182,13 @@ mod tests {
 
     #[test]
     fn topic_rules() {
-        for ok in ["a", "orders", "orders.created", "a_b-c.D9", &"x".repeat(249)] {
+        for ok in [
+            "a",
+            "orders",
+            "orders.created",
+            "a_b-c.D9",
+            &"x".repeat(249),
+        ] {
             assert!(validate_topic(ok).is_ok(), "{ok}");
         }
         for bad in [
@@ -198,7 +204,10 @@ mod tests {
             &"x".repeat(250),
         ] {
             assert!(
-                matches!(validate_topic(bad), Err(TransportError::InvalidTopic { .. })),
+                matches!(
+                    validate_topic(bad),
+                    Err(TransportError::InvalidTopic { .. })
+                ),
                 "{bad}"
             );
         }

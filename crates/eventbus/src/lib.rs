@@ -4,11 +4,11 @@
 //!
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
-//! use eventbus::{BackendConfig, BusConfig, Envelope, EventBus, HandlerError};
+//! use eventbus::{BackendConfig, BusConfig, Envelope, HandlerError};
 //!
 //! // "memory://" here; "nats://127.0.0.1:4222" or "kafka://127.0.0.1:9092" with those features.
 //! let backend = BackendConfig::from_url("memory://")?;
-//! let bus = EventBus::connect(backend, BusConfig::default()).await?;
+//! let bus = eventbus::connect(backend, BusConfig::default()).await?;
 //! bus.subscribe_envelope("orders", "billing", |e: Envelope| async move {
 //!     println!("{} v{}", e.aggregate_id, e.event_version);
 //!     Ok::<(), HandlerError>(())
@@ -29,26 +29,23 @@ pub use eventbus_core::memory::{MemoryBroker, MemoryConfig};
 pub use eventbus_core::{
     codec, headers, BrokerPosition, Bus, BusBuilder, BusConfig, BusError, Capabilities,
     Compression, ConnectionState, DispatchConfig, Envelope, EnvelopeError, EnvelopeHandler,
-    Handler, HandlerError, Headers, Health, Message, MetricsSnapshot, Publication,
-    PublishConfig, PublishResult, PublishResults, Receipt, RetryPolicy, SubscribeOptions,
-    SubscriptionHandle, TransportError,
+    Handler, HandlerError, Headers, Health, Message, MetricsSnapshot, Publication, PublishConfig,
+    PublishResult, PublishResults, Receipt, RetryPolicy, SubscribeOptions, SubscriptionHandle,
+    TransportError,
 };
 
 /// The bus over whichever backend the configuration names.
 pub type EventBus = Bus<AnyTransport>;
 
-/// Connecting an [`EventBus`] from a [`BackendConfig`].
-pub trait Connect: Sized {
-    /// Connects to the backend and starts a bus with `config`.
-    fn connect(
-        backend: BackendConfig,
-        config: BusConfig,
-    ) -> impl std::future::Future<Output = Result<Self, BusError>> + Send;
-}
-
-impl Connect for EventBus {
-    async fn connect(backend: BackendConfig, config: BusConfig) -> Result<Self, BusError> {
-        let transport = AnyTransport::connect(backend).await?;
-        Bus::new(transport, config)
-    }
+/// Connects to `backend` and starts a bus with `config`.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let bus = eventbus::connect(eventbus::BackendConfig::from_url("memory://")?, Default::default()).await?;
+/// assert_eq!(bus.health().backend, "memory");
+/// # Ok::<(), eventbus::BusError>(()) }).unwrap();
+/// ```
+pub async fn connect(backend: BackendConfig, config: BusConfig) -> Result<EventBus, BusError> {
+    let transport = AnyTransport::connect(backend).await?;
+    Bus::new(transport, config)
 }

@@ -82,7 +82,10 @@ mod tests {
         assert!(!s.contains(&ids[0]));
         assert!(s.contains(&ids[2]));
         assert!(matches!(ids[0].id, EventIdKey::Uuid(_)));
-        assert!(!s.contains(&DedupKey::new(2, "another")), "keys are per subscription");
+        assert!(
+            !s.contains(&DedupKey::new(2, "another")),
+            "keys are per subscription"
+        );
     }
 
     #[test]

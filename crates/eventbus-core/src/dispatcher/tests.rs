@@ -50,7 +50,8 @@ impl OrderCheck {
     fn record(&self, e: &Envelope) {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         let prev = last.insert(e.aggregate_id.clone(), e.event_version);
-        if prev.is_some_and(|p| e.event_version != p + 1) || (prev.is_none() && e.event_version != 1)
+        if prev.is_some_and(|p| e.event_version != p + 1)
+            || (prev.is_none() && e.event_version != 1)
         {
             self.violations.fetch_add(1, Ordering::Relaxed);
         }
@@ -85,7 +86,10 @@ async fn order_per_aggregate_1000_aggregates_x_100_events() {
     .await
     .expect("subscribe");
     publish_versions(&bus, "orders", 1000, 100).await;
-    wait_until("100,000 envelopes", || check.seen.load(Ordering::Relaxed) == 100_000).await;
+    wait_until("100,000 envelopes", || {
+        check.seen.load(Ordering::Relaxed) == 100_000
+    })
+    .await;
     assert_eq!(check.violations.load(Ordering::Relaxed), 0);
     let m = bus.metrics();
     assert_eq!(m.handled, 100_000);
@@ -117,7 +121,10 @@ async fn retries_keep_order() {
     .await
     .expect("subscribe");
     publish_versions(&bus, "orders", 50, 30).await;
-    wait_until("1,500 envelopes", || check.seen.load(Ordering::Relaxed) == 1500).await;
+    wait_until("1,500 envelopes", || {
+        check.seen.load(Ordering::Relaxed) == 1500
+    })
+    .await;
     assert_eq!(check.violations.load(Ordering::Relaxed), 0);
     // Versions 3, 13, 23 of 50 aggregates failed twice each.
     assert_eq!(bus.metrics().retries, 50 * 3 * 2);
@@ -127,12 +134,10 @@ async fn retries_keep_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn panicking_handler_leaves_workers_alive() {
-    let bus = bus(
-        BusConfig::default()
-            .with_retry(fast_retry(2))
-            .with_keyed_workers(2)
-            .with_global_workers(1),
-    );
+    let bus = bus(BusConfig::default()
+        .with_retry(fast_retry(2))
+        .with_keyed_workers(2)
+        .with_global_workers(1));
     let handled = Arc::new(AtomicUsize::new(0));
     let h = handled.clone();
     bus.subscribe("jobs", "g", move |m: Message| {
@@ -173,8 +178,11 @@ async fn panicking_handler_leaves_workers_alive() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letter_after_n_attempts() {
     let broker = MemoryBroker::new();
-    let bus = Bus::new(broker.transport(), BusConfig::default().with_retry(fast_retry(4)))
-        .expect("bus");
+    let bus = Bus::new(
+        broker.transport(),
+        BusConfig::default().with_retry(fast_retry(4)),
+    )
+    .expect("bus");
     let tries = Arc::new(AtomicU32::new(0));
     let t = tries.clone();
     bus.subscribe_envelope("pay", "g", move |e: Envelope| {
@@ -214,7 +222,10 @@ async fn dead_letter_after_n_attempts() {
     let dead = dead.lock().unwrap_or_else(|e| e.into_inner()).clone();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].headers().get(headers::DLQ_ATTEMPTS), Some("4"));
-    assert_eq!(dead[0].headers().get(headers::DLQ_ERROR), Some("card declined"));
+    assert_eq!(
+        dead[0].headers().get(headers::DLQ_ERROR),
+        Some("card declined")
+    );
     assert_eq!(dead[0].event_id(), Some(e.event_id.as_str()));
     bus.close().await.expect("close");
 }
@@ -234,7 +245,10 @@ async fn backpressure_bounds_queue_depth() {
     bus.subscribe_envelope("load", "g", move |_e: Envelope| {
         let g = g.clone();
         async move {
-            g.acquire().await.map_err(|e| HandlerError::retryable(e.to_string()))?.forget();
+            g.acquire()
+                .await
+                .map_err(|e| HandlerError::retryable(e.to_string()))?
+                .forget();
             Ok(())
         }
     })
@@ -270,7 +284,9 @@ async fn backpressure_bounds_queue_depth() {
 /// Peak tokio tasks alive while `messages` envelopes over `aggregates` aggregates flow
 /// through a bus with a fixed configuration.
 async fn peak_tasks(messages: usize, aggregates: usize) -> usize {
-    let bus = bus(BusConfig::default().with_keyed_workers(16).with_global_workers(4));
+    let bus = bus(BusConfig::default()
+        .with_keyed_workers(16)
+        .with_global_workers(4));
     let seen = Arc::new(AtomicUsize::new(0));
     let s = seen.clone();
     bus.subscribe_envelope("flow", "g", move |_e: Envelope| {

@@ -171,15 +171,18 @@ impl<T: Transport> WorkerContext<T> {
                 hdrs.insert(headers::DLQ_CONTENT_ENCODING, enc);
             }
         }
-        hdrs.insert(headers::DLQ_ERROR, truncate(err.message(), MAX_ERROR_HEADER_BYTES));
+        hdrs.insert(
+            headers::DLQ_ERROR,
+            truncate(err.message(), MAX_ERROR_HEADER_BYTES),
+        );
         hdrs.insert(headers::DLQ_REASON, err.kind().as_str());
         hdrs.insert(headers::DLQ_TOPIC, route.topic.as_str());
         hdrs.insert(headers::DLQ_GROUP, route.group.as_str());
         hdrs.insert(headers::DLQ_ATTEMPTS, attempts.to_string());
-        let key = raw
-            .aggregate_id()
-            .map(str::to_owned)
-            .or_else(|| raw.key().and_then(|k| std::str::from_utf8(k).ok().map(str::to_owned)));
+        let key = raw.aggregate_id().map(str::to_owned).or_else(|| {
+            raw.key()
+                .and_then(|k| std::str::from_utf8(k).ok().map(str::to_owned))
+        });
         let out = OutgoingMessage {
             topic: route.dead_letter_topic.clone(),
             event_id,
