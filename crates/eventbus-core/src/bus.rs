@@ -106,13 +106,24 @@ impl Publication {
 struct SubscriptionControl {
     stop: watch::Sender<bool>,
     done: watch::Receiver<bool>,
+    fetcher: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl SubscriptionControl {
     async fn stop_and_wait(&self) {
         let _ = self.stop.send(true);
-        let mut done = self.done.clone();
-        let _ = done.wait_for(|d| *d).await;
+        // Await the task itself, so it is gone (not just finishing) when we return; a second
+        // caller (unsubscribe racing close) waits for the done flag instead.
+        let fetcher = self.fetcher.lock().ok().and_then(|mut f| f.take());
+        match fetcher {
+            Some(task) => {
+                let _ = task.await;
+            }
+            None => {
+                let mut done = self.done.clone();
+                let _ = done.wait_for(|d| *d).await;
+            }
+        }
     }
 }
 
@@ -337,6 +348,7 @@ impl<T: Transport> Bus<T> {
         if let Some(a) = &aggregate_id {
             headers.insert(headers::AGGREGATE_ID, a.as_str());
         }
+        headers::validate(&headers)?;
         let cfg = self.inner.publisher.config();
         let size = payload.len() + headers.wire_len();
         if size > cfg.max_message_bytes {
@@ -475,11 +487,9 @@ impl<T: Transport> Bus<T> {
         let control = Arc::new(SubscriptionControl {
             stop: stop_tx,
             done: done_rx,
+            fetcher: Mutex::new(None),
         });
-        if let Ok(mut subs) = self.inner.subscriptions.lock() {
-            subs.push(control.clone());
-        }
-        tokio::spawn(run_fetcher::<T>(
+        let task = tokio::spawn(run_fetcher::<T>(
             subscription,
             route,
             dispatcher,
@@ -489,6 +499,12 @@ impl<T: Transport> Bus<T> {
             self.inner.metrics.clone(),
             self.inner.config.publish.close_timeout,
         ));
+        if let Ok(mut f) = control.fetcher.lock() {
+            *f = Some(task);
+        }
+        if let Ok(mut subs) = self.inner.subscriptions.lock() {
+            subs.push(control.clone());
+        }
         Ok(SubscriptionHandle {
             control,
             topic: topic.to_string(),

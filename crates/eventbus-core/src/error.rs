@@ -23,6 +23,14 @@ pub enum TransportError {
         /// Why.
         reason: String,
     },
+    /// A header name or value cannot be carried by every broker.
+    #[error("invalid header {name:?}: {reason}")]
+    InvalidHeader {
+        /// The header name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
     /// The message is larger than the limit.
     #[error("message of {actual} bytes exceeds the limit of {limit} bytes")]
     PayloadTooLarge {

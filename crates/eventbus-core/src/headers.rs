@@ -114,6 +114,29 @@ impl Headers {
     }
 }
 
+/// Checks that every header can travel on every backend: names of visible ASCII without `:`,
+/// values without CR or LF (NATS headers are line-based).
+pub fn validate(headers: &Headers) -> Result<(), crate::TransportError> {
+    for (name, value) in headers.iter() {
+        let bad = |reason: &str| {
+            Err(crate::TransportError::InvalidHeader {
+                name: name.to_string(),
+                reason: reason.to_string(),
+            })
+        };
+        if name.is_empty() {
+            return bad("empty name");
+        }
+        if !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
+            return bad("names are visible ASCII characters without ':'");
+        }
+        if value.bytes().any(|b| b == b'\r' || b == b'\n') {
+            return bad("values cannot contain CR or LF");
+        }
+    }
+    Ok(())
+}
+
 impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Headers {
     fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
         let mut h = Headers::new();
@@ -137,5 +160,15 @@ mod tests {
         assert_eq!(h.get(EVENT_ID), Some("b"));
         assert_eq!(h.remove("X-EVENT-ID").as_deref(), Some("b"));
         assert!(h.is_empty());
+    }
+
+    #[test]
+    fn validation_rejects_what_a_broker_cannot_carry() {
+        let ok: Headers = [("X-A", "any value, even ünïcode")].into_iter().collect();
+        assert!(validate(&ok).is_ok());
+        for (n, v) in [("", "x"), ("a:b", "x"), ("sp ace", "x"), ("é", "x"), ("X", "a\r\nb")] {
+            let h: Headers = [(n, v)].into_iter().collect();
+            assert!(validate(&h).is_err(), "{n:?} {v:?}");
+        }
     }
 }

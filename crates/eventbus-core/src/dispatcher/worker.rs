@@ -165,16 +165,16 @@ impl<T: Transport> WorkerContext<T> {
             .event_id()
             .map(str::to_owned)
             .unwrap_or_else(new_event_id);
-        hdrs.insert(headers::EVENT_ID, event_id.clone());
+        hdrs.insert(headers::EVENT_ID, event_id.as_str());
+        // Its own idempotency key: the X-Event-ID header stays the original's, but two groups
+        // dead-lettering the same event must not be deduplicated into one dead letter.
+        let dead_letter_id = format!("{event_id}:{}:dlq", route.group);
         if err.kind() == FailureKind::Codec {
             if let Some(enc) = hdrs.remove(headers::CONTENT_ENCODING) {
                 hdrs.insert(headers::DLQ_CONTENT_ENCODING, enc);
             }
         }
-        hdrs.insert(
-            headers::DLQ_ERROR,
-            truncate(err.message(), MAX_ERROR_HEADER_BYTES),
-        );
+        hdrs.insert(headers::DLQ_ERROR, header_safe(err.message()));
         hdrs.insert(headers::DLQ_REASON, err.kind().as_str());
         hdrs.insert(headers::DLQ_TOPIC, route.topic.as_str());
         hdrs.insert(headers::DLQ_GROUP, route.group.as_str());
@@ -185,7 +185,7 @@ impl<T: Transport> WorkerContext<T> {
         });
         let out = OutgoingMessage {
             topic: route.dead_letter_topic.clone(),
-            event_id,
+            event_id: dead_letter_id,
             key,
             headers: hdrs,
             payload: raw.payload().clone(),
@@ -228,13 +228,11 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut end = max;
+/// The error text as a header value: one line, at most `MAX_ERROR_HEADER_BYTES`.
+fn header_safe(s: &str) -> String {
+    let mut end = s.len().min(MAX_ERROR_HEADER_BYTES);
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    s[..end].to_string()
+    s[..end].replace(['\r', '\n'], " ")
 }
