@@ -1,0 +1,207 @@
+//! Durable pull consumers: one per topic and group, read by one fetcher.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::message::AckKind;
+use async_nats::jetstream::{self};
+use eventbus_core::{
+    BrokerPosition, Delivery, Message, Subscription, SubscriptionSpec, TransportError,
+};
+use futures_util::{FutureExt, StreamExt};
+
+use crate::naming::subject;
+use crate::transport::{headers_from, NatsTransport};
+
+/// One member of a consumer group: a durable pull consumer named after the group.
+pub struct NatsSubscription {
+    consumer: PullConsumer,
+    messages: Option<pull::Stream>,
+    topic: Arc<str>,
+    pull_expires: Duration,
+}
+
+impl NatsSubscription {
+    pub(crate) async fn create(
+        transport: &NatsTransport,
+        spec: SubscriptionSpec,
+    ) -> Result<Self, TransportError> {
+        let stream_name = transport.stream_name(&spec.topic);
+        let stream = transport
+            .context
+            .get_stream(&stream_name)
+            .await
+            .map_err(|e| TransportError::Provisioning(format!("stream {stream_name}: {e}")))?;
+        let c = &transport.config.consumer;
+        let filter = subject(&spec.topic).to_string();
+        let wanted = pull::Config {
+            durable_name: Some(spec.group.clone()),
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: c.ack_wait,
+            // Retries and dead letters are the dispatcher's job: the server never gives up.
+            max_deliver: -1,
+            filter_subject: filter.clone(),
+            max_waiting: c.max_waiting,
+            max_ack_pending: c.max_ack_pending,
+            ..Default::default()
+        };
+        let consumer: PullConsumer = stream
+            .get_or_create_consumer(&spec.group, wanted)
+            .await
+            .map_err(|e| {
+                TransportError::Provisioning(format!(
+                    "consumer {} on stream {stream_name}: {e}",
+                    spec.group
+                ))
+            })?;
+        let have = &consumer.cached_info().config;
+        if have.ack_policy != AckPolicy::Explicit {
+            return Err(TransportError::Provisioning(format!(
+                "consumer {} on {stream_name} exists with ack policy {:?}; eventbus needs explicit acks",
+                spec.group, have.ack_policy
+            )));
+        }
+        if !have.filter_subject.is_empty() && have.filter_subject != filter {
+            return Err(TransportError::Provisioning(format!(
+                "consumer {} on {stream_name} filters {:?}, not {filter:?}",
+                spec.group, have.filter_subject
+            )));
+        }
+        if have.ack_wait != c.ack_wait || have.max_ack_pending != c.max_ack_pending {
+            tracing::warn!(consumer = %spec.group, stream = %stream_name,
+                "existing consumer settings differ from the configuration; keeping the server's");
+        }
+        Ok(Self {
+            consumer,
+            messages: None,
+            topic: Arc::from(spec.topic.as_str()),
+            pull_expires: transport.config.pull_expires,
+        })
+    }
+
+    fn delivery(&self, m: jetstream::Message) -> NatsDelivery {
+        let (position, delivered) = match m.info() {
+            Ok(info) => (
+                Some(BrokerPosition {
+                    partition: None,
+                    offset: info.stream_sequence,
+                }),
+                u32::try_from(info.delivered.max(1)).unwrap_or(u32::MAX),
+            ),
+            Err(_) => (None, 1),
+        };
+        let message = Message::new(
+            self.topic.clone(),
+            m.message.payload.clone(),
+            Arc::new(headers_from(m.message.headers.as_ref())),
+            None,
+            position,
+            delivered,
+        );
+        NatsDelivery { inner: m, message }
+    }
+}
+
+impl Subscription for NatsSubscription {
+    type Delivery = NatsDelivery;
+
+    async fn fetch(
+        &mut self,
+        max: usize,
+        max_wait: Duration,
+    ) -> Result<Vec<NatsDelivery>, TransportError> {
+        if self.messages.is_none() {
+            // A continuous pull: the client keeps up to `max` messages requested and hands
+            // them over as they arrive, so a small batch never waits for a full one.
+            let stream = self
+                .consumer
+                .stream()
+                .max_messages_per_batch(max)
+                .expires(self.pull_expires)
+                .messages()
+                .await
+                .map_err(|e| TransportError::Unavailable(format!("pull: {e}")))?;
+            self.messages = Some(stream);
+        }
+        let Some(stream) = self.messages.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let first = match tokio::time::timeout(max_wait, stream.next()).await {
+            Err(_) => return Ok(Vec::new()),
+            Ok(None) => {
+                self.messages = None;
+                return Err(TransportError::Unavailable("pull stream ended".into()));
+            }
+            Ok(Some(Err(e))) => {
+                // The stream reports and recovers (missed heartbeats across a reconnect);
+                // it is rebuilt only if it ends.
+                return Err(TransportError::Unavailable(format!("pull: {e}")));
+            }
+            Ok(Some(Ok(m))) => m,
+        };
+        let mut batch = Vec::with_capacity(max.min(64));
+        batch.push(first);
+        while batch.len() < max {
+            match stream.next().now_or_never() {
+                Some(Some(Ok(m))) => batch.push(m),
+                Some(Some(Err(e))) => {
+                    tracing::debug!(error = %e, "pull stream error after a batch");
+                    break;
+                }
+                Some(None) => {
+                    self.messages = None;
+                    break;
+                }
+                None => break,
+            }
+        }
+        Ok(batch.into_iter().map(|m| self.delivery(m)).collect())
+    }
+
+    async fn close(self) -> Result<(), TransportError> {
+        // The durable consumer stays on the server; dropping the stream ends the pulls.
+        drop(self.messages);
+        Ok(())
+    }
+}
+
+/// One JetStream message. Unsettled, it is redelivered after the consumer's ack wait.
+pub struct NatsDelivery {
+    inner: jetstream::Message,
+    message: Message,
+}
+
+fn ack_error(e: impl std::fmt::Display) -> TransportError {
+    TransportError::Unavailable(format!("ack: {e}"))
+}
+
+impl Delivery for NatsDelivery {
+    fn message(&self) -> &Message {
+        &self.message
+    }
+
+    async fn ack(self) -> Result<(), TransportError> {
+        self.inner.ack().await.map_err(ack_error)
+    }
+
+    async fn nak(self, delay: Duration) -> Result<(), TransportError> {
+        let delay = (!delay.is_zero()).then_some(delay);
+        self.inner
+            .ack_with(AckKind::Nak(delay))
+            .await
+            .map_err(ack_error)
+    }
+
+    async fn term(self) -> Result<(), TransportError> {
+        self.inner.ack_with(AckKind::Term).await.map_err(ack_error)
+    }
+
+    async fn in_progress(&self) -> Result<(), TransportError> {
+        self.inner
+            .ack_with(AckKind::Progress)
+            .await
+            .map_err(ack_error)
+    }
+}

@@ -1,0 +1,386 @@
+//! The NATS transport: connection, stream provisioning, publishing with ACK futures.
+
+use std::collections::HashSet;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::RwLock;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use async_nats::connection::State;
+use async_nats::jetstream::{self, context::PublishErrorKind, stream};
+use async_nats::{HeaderMap, HeaderName, HeaderValue};
+use eventbus_core::{
+    BrokerPosition, Capabilities, ConnectionState, Headers, Health, OutgoingMessage, Receipt,
+    SubscriptionSpec, Transport, TransportError,
+};
+
+use crate::config::{Auth, NatsConfig, Storage};
+use crate::naming::{stream_name, subject};
+use crate::subscription::NatsSubscription;
+
+/// Wait before republishing after a lost ACK; doubles up to `MAX_REPUBLISH_BACKOFF`.
+const FIRST_REPUBLISH_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_REPUBLISH_BACKOFF: Duration = Duration::from_secs(2);
+
+/// A client connection to a NATS server with JetStream. One per bus.
+pub struct NatsTransport {
+    pub(crate) client: async_nats::Client,
+    pub(crate) context: jetstream::Context,
+    pub(crate) config: NatsConfig,
+    provisioned: RwLock<HashSet<String>>,
+    closed: AtomicBool,
+}
+
+/// Strips `user:password@` from URLs so errors and logs never carry credentials.
+pub(crate) fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|u| match (u.find("://"), u.rfind('@')) {
+            (Some(s), Some(at)) if at > s => format!("{}***@{}", &u[..s + 3], &u[at + 1..]),
+            (None, Some(at)) => format!("***@{}", &u[at + 1..]),
+            _ => u.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl NatsTransport {
+    /// Connects (one connection) and sets up the JetStream context. Fails at once, with the
+    /// address, if the server cannot be reached.
+    pub async fn connect(config: NatsConfig) -> Result<Self, TransportError> {
+        let mut opts = async_nats::ConnectOptions::new()
+            .name(&config.name)
+            .connection_timeout(config.connect_timeout)
+            .event_callback(|event| async move {
+                tracing::info!(%event, "nats connection event");
+            });
+        opts = match &config.auth {
+            Auth::None => opts,
+            Auth::Token(t) => opts.token(t.expose().to_string()),
+            Auth::UserPassword { user, password } => {
+                opts.user_and_password(user.clone(), password.expose().to_string())
+            }
+            Auth::NKey(seed) => opts.nkey(seed.expose().to_string()),
+            Auth::CredentialsFile(path) => opts.credentials_file(path).await.map_err(|e| {
+                TransportError::Unavailable(format!(
+                    "cannot read credentials file {}: {e}",
+                    path.display()
+                ))
+            })?,
+        };
+        if config.tls.required {
+            opts = opts.require_tls(true);
+        }
+        if let Some(ca) = &config.tls.root_certificates {
+            opts = opts.add_root_certificates(ca.clone());
+        }
+        if let Some((cert, key)) = &config.tls.client_certificate {
+            opts = opts.add_client_certificate(cert.clone(), key.clone());
+        }
+        let urls: Vec<&str> = config
+            .url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect();
+        let client = opts.connect(urls.as_slice()).await.map_err(|e| {
+            TransportError::Unavailable(format!(
+                "cannot connect to NATS at {}: {e}",
+                redact_url(&config.url)
+            ))
+        })?;
+        let context = jetstream::ContextBuilder::new()
+            .max_ack_inflight(config.max_ack_inflight.max(1))
+            .backpressure_on_inflight(true)
+            .ack_timeout(config.publish_ack_timeout)
+            .build(client.clone());
+        Ok(Self {
+            client,
+            context,
+            config,
+            provisioned: RwLock::new(HashSet::new()),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// The JetStream context (for inspection: stream and consumer info).
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.context
+    }
+
+    /// The stream name used for `topic`.
+    pub fn stream_name(&self, topic: &str) -> String {
+        stream_name(&self.config.stream.name_prefix, topic)
+    }
+
+    /// Creates the topic's stream, or checks that the existing one captures the topic's
+    /// subject with our storage; limits that differ are logged, not changed.
+    pub async fn provision_topic(&self, topic: &str) -> Result<(), TransportError> {
+        if self
+            .provisioned
+            .read()
+            .map(|p| p.contains(topic))
+            .unwrap_or(false)
+        {
+            return Ok(());
+        }
+        let s = &self.config.stream;
+        let name = self.stream_name(topic);
+        let subj = subject(topic).to_string();
+        let storage = match s.storage {
+            Storage::File => stream::StorageType::File,
+            Storage::Memory => stream::StorageType::Memory,
+        };
+        let wanted = stream::Config {
+            name: name.clone(),
+            subjects: vec![subj.clone()],
+            storage,
+            max_bytes: s.max_bytes,
+            max_messages: s.max_messages,
+            max_age: s.max_age,
+            duplicate_window: s.duplicate_window,
+            num_replicas: s.replicas,
+            retention: stream::RetentionPolicy::Limits,
+            discard: stream::DiscardPolicy::Old,
+            ..Default::default()
+        };
+        let stream = self
+            .context
+            .get_or_create_stream(wanted.clone())
+            .await
+            .map_err(|e| {
+                TransportError::Provisioning(format!(
+                    "stream {name} for topic {topic:?}: {e}"
+                ))
+            })?;
+        let have = &stream.cached_info().config;
+        if !have.subjects.iter().any(|x| x == &subj) {
+            return Err(TransportError::Provisioning(format!(
+                "stream {name} exists with subjects {:?}, not {subj:?} (another topic maps to the same stream name?)",
+                have.subjects
+            )));
+        }
+        if have.storage != wanted.storage {
+            return Err(TransportError::Provisioning(format!(
+                "stream {name} exists with {:?} storage, configured {:?}",
+                have.storage, wanted.storage
+            )));
+        }
+        if have.retention != wanted.retention {
+            return Err(TransportError::Provisioning(format!(
+                "stream {name} exists with retention {:?}; eventbus needs limits retention",
+                have.retention
+            )));
+        }
+        if have.max_bytes != wanted.max_bytes
+            || have.max_messages != wanted.max_messages
+            || have.duplicate_window != wanted.duplicate_window
+        {
+            tracing::warn!(stream = %name, "existing stream limits differ from the configuration; keeping the server's");
+        }
+        if let Ok(mut p) = self.provisioned.write() {
+            p.insert(topic.to_string());
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn header_map(headers: &Headers) -> Result<HeaderMap, TransportError> {
+    let mut map = HeaderMap::new();
+    for (name, value) in headers.iter() {
+        let invalid = |reason: &str| TransportError::InvalidHeader {
+            name: name.to_string(),
+            reason: reason.to_string(),
+        };
+        let n = HeaderName::from_str(name).map_err(|_| invalid("not a valid NATS header name"))?;
+        let v = HeaderValue::from_str(value).map_err(|_| invalid("contains CR or LF"))?;
+        map.insert(n, v);
+    }
+    Ok(map)
+}
+
+pub(crate) fn headers_from(map: Option<&HeaderMap>) -> Headers {
+    let Some(map) = map else {
+        return Headers::new();
+    };
+    let mut h = Headers::with_capacity(map.len());
+    for (name, values) in map.iter() {
+        if let Some(v) = values.first() {
+            h.insert(name.as_ref() as &str, v.as_str());
+        }
+    }
+    h
+}
+
+fn publish_error(kind: PublishErrorKind, e: &dyn std::fmt::Display) -> TransportError {
+    match kind {
+        PublishErrorKind::TimedOut => TransportError::Timeout(format!("no JetStream ACK: {e}")),
+        PublishErrorKind::BrokenPipe => TransportError::Unavailable(e.to_string()),
+        PublishErrorKind::StreamNotFound => TransportError::Rejected(format!(
+            "no stream captures the subject (deleted?): {e}"
+        )),
+        PublishErrorKind::MaxPayloadExceeded => TransportError::Rejected(e.to_string()),
+        _ => TransportError::Rejected(e.to_string()),
+    }
+}
+
+fn retryable(kind: PublishErrorKind) -> bool {
+    matches!(
+        kind,
+        PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe | PublishErrorKind::StreamNotFound
+    )
+}
+
+/// Resolves with the JetStream ACK of one message. An ACK lost to a disconnect or timeout is
+/// retried by republishing with the same `Nats-Msg-Id` (the stream drops the copy if the first
+/// one was stored), up to `publish_retries` times; then it resolves with the error.
+pub struct NatsAck(Pin<Box<dyn Future<Output = Result<Receipt, TransportError>> + Send>>);
+
+impl Future for NatsAck {
+    type Output = Result<Receipt, TransportError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
+fn receipt(ack: &jetstream::publish::PublishAck) -> Receipt {
+    Receipt {
+        position: Some(BrokerPosition {
+            partition: None,
+            offset: ack.sequence,
+        }),
+        duplicate: ack.duplicate,
+    }
+}
+
+impl Transport for NatsTransport {
+    type Ack = NatsAck;
+    type Subscription = NatsSubscription;
+
+    fn backend(&self) -> &'static str {
+        "nats"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            // Work sharing inside a group is a shared pull consumer: order across instances is
+            // not guaranteed until the partitioned scale-out work lands.
+            partitioned_groups: false,
+            publish_dedup: true,
+        }
+    }
+
+    async fn send(&self, message: OutgoingMessage) -> Result<NatsAck, TransportError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(TransportError::Closed);
+        }
+        self.provision_topic(&message.topic).await?;
+        let headers = header_map(&message.headers)?;
+        let subj = subject(&message.topic).to_string();
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(message.payload)
+            .headers(headers)
+            .message_id(&message.event_id);
+        let first = self
+            .context
+            .send_publish(subj.clone(), publish.clone())
+            .await
+            .map_err(|e| publish_error(e.kind(), &e))?;
+        let context = self.context.clone();
+        let retries = self.config.publish_retries;
+        Ok(NatsAck(Box::pin(async move {
+            let mut pending = first.into_future();
+            let mut attempt = 0;
+            let mut backoff = FIRST_REPUBLISH_BACKOFF;
+            loop {
+                let err = match pending.await {
+                    Ok(ack) => return Ok(receipt(&ack)),
+                    Err(e) => e,
+                };
+                if !retryable(err.kind()) || attempt >= retries {
+                    return Err(publish_error(err.kind(), &err));
+                }
+                attempt += 1;
+                tracing::debug!(subject = %subj, attempt, error = %err, "publish ACK lost; republishing with the same Nats-Msg-Id");
+                loop {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_REPUBLISH_BACKOFF);
+                    match context.send_publish(subj.clone(), publish.clone()).await {
+                        Ok(f) => {
+                            pending = f.into_future();
+                            break;
+                        }
+                        Err(e) if retryable(e.kind()) && attempt < retries => attempt += 1,
+                        Err(e) => return Err(publish_error(e.kind(), &e)),
+                    }
+                }
+            }
+        })))
+    }
+
+    async fn subscribe(&self, spec: SubscriptionSpec) -> Result<NatsSubscription, TransportError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(TransportError::Closed);
+        }
+        self.provision_topic(&spec.topic).await?;
+        NatsSubscription::create(self, spec).await
+    }
+
+    fn health(&self) -> Health {
+        let state = if self.closed.load(Ordering::Acquire) {
+            ConnectionState::Closed
+        } else {
+            match self.client.connection_state() {
+                State::Connected => ConnectionState::Connected,
+                State::Pending | State::Disconnected => ConnectionState::Reconnecting,
+            }
+        };
+        Health {
+            backend: "nats",
+            state,
+        }
+    }
+
+    async fn close(&self) -> Result<(), TransportError> {
+        self.closed.store(true, Ordering::Release);
+        // Acks are fire-and-forget publishes: flush them out before the connection goes.
+        let flushed = self
+            .client
+            .flush()
+            .await
+            .map_err(|e| TransportError::Unavailable(format!("flush on close: {e}")));
+        if let Err(e) = self.client.drain().await {
+            tracing::debug!(error = %e, "drain on close");
+        }
+        flushed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("nats://bob:pw@h:4222,nats://h2:4222"),
+            "nats://***@h:4222,nats://h2:4222"
+        );
+        assert_eq!(redact_url("tok@h:1"), "***@h:1");
+    }
+
+    #[test]
+    fn bad_headers_are_errors_not_panics() {
+        let h: Headers = [("a:b", "v")].into_iter().collect();
+        assert!(matches!(
+            header_map(&h),
+            Err(TransportError::InvalidHeader { .. })
+        ));
+        let h: Headers = [("X-A", "x\r\ny")].into_iter().collect();
+        assert!(header_map(&h).is_err());
+        let h: Headers = [("X-A", "fine")].into_iter().collect();
+        assert_eq!(headers_from(Some(&header_map(&h).unwrap())), h);
+    }
+}

@@ -1,0 +1,116 @@
+//! Shared by the NATS integration tests: the server address comes from the environment
+//! (`scripts/test.sh` starts nats-server and sets it). A missing or unreachable server fails
+//! the test; nothing is skipped.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use eventbus_core::testkit::Backend;
+use eventbus_core::{Bus, BusConfig, BusError};
+use eventbus_nats::{NatsConfig, NatsTransport};
+
+pub fn nats_url() -> String {
+    std::env::var("EVENTBUS_NATS_URL").unwrap_or_else(|_| {
+        panic!(
+            "EVENTBUS_NATS_URL is not set. Run scripts/test.sh (it starts nats-server), or \
+             `scripts/nats.sh start` and export the variables `scripts/nats.sh env` prints."
+        )
+    })
+}
+
+pub struct Nats {
+    pub config: NatsConfig,
+}
+
+impl Nats {
+    pub fn new() -> Self {
+        Self {
+            config: NatsConfig::new(nats_url()),
+        }
+    }
+}
+
+impl Backend for Nats {
+    type Transport = NatsTransport;
+    async fn connect(&self, config: BusConfig) -> Result<Bus<NatsTransport>, BusError> {
+        let t = NatsTransport::connect(self.config.clone()).await?;
+        Bus::new(t, config)
+    }
+}
+
+pub async fn backend() -> Nats {
+    Nats::new()
+}
+
+/// A nats-server of the test's own, for restarts (binary from `EVENTBUS_NATS_SERVER_BIN`).
+pub struct OwnServer {
+    pub port: u16,
+    store: PathBuf,
+    child: Option<Child>,
+}
+
+impl OwnServer {
+    pub fn start(store: &Path) -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let mut s = Self {
+            port,
+            store: store.to_path_buf(),
+            child: None,
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let bin = std::env::var("EVENTBUS_NATS_SERVER_BIN").unwrap_or_else(|_| {
+            panic!("EVENTBUS_NATS_SERVER_BIN is not set (scripts/test.sh sets it)")
+        });
+        let child = Command::new(bin)
+            .args(["-js", "-a", "127.0.0.1", "-p"])
+            .arg(self.port.to_string())
+            .arg("-sd")
+            .arg(&self.store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        self.child = Some(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("own nats-server did not listen on {}", self.port);
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
