@@ -1,25 +1,33 @@
 #!/usr/bin/env bash
 # The whole test suite, exactly as CI runs it (.ci/run calls this script).
-# Needs only the Rust toolchain today; broker backends add their brokers here
-# (installed and started by scripts/ on 127.0.0.1).
+# Installs and starts what the tests need on 127.0.0.1 (nats-server via scripts/nats.sh),
+# runs everything, and stops the brokers again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
 
 step() { printf '\n== %s\n' "$*"; }
 
+step "brokers"
+scripts/nats.sh fresh
+trap 'scripts/nats.sh stop' EXIT
+eval "$(scripts/nats.sh env | sed 's/^/export /')"
+echo "EVENTBUS_NATS_URL=$EVENTBUS_NATS_URL"
+
 step "format"
 cargo fmt --all -- --check
 
 step "lint"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-features --all-targets --locked -- -D warnings
 
 step "doc tests"
-cargo test --locked --doc -p eventbus-core -p eventbus
+cargo test --locked --all-features --doc -p eventbus-core -p eventbus -p eventbus-nats
 
 step "examples"
 cargo run --locked -q -p eventbus-examples --example quickstart
 cargo run --locked -q -p eventbus-examples --example ordered_consumer
+cargo run --locked -q -p eventbus-examples --example broker_swap
+EVENTBUS_URL="$EVENTBUS_NATS_URL" cargo run --locked -q -p eventbus-examples --example broker_swap
 
 step "main command, smallest level"
 cargo run --locked -q -p eventbus-benches --bin eventbus-bench -- --level low
@@ -27,7 +35,7 @@ cargo run --locked -q -p eventbus-benches --bin eventbus-bench -- --level low
 # Last, so the runner's summary closes the output.
 step "tests"
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --locked --no-fail-fast
+  cargo nextest run --workspace --all-features --locked --no-fail-fast
 else
-  cargo test --workspace --locked --no-fail-fast
+  cargo test --workspace --all-features --locked --no-fail-fast
 fi

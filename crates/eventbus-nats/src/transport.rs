@@ -151,9 +151,7 @@ impl NatsTransport {
             .get_or_create_stream(wanted.clone())
             .await
             .map_err(|e| {
-                TransportError::Provisioning(format!(
-                    "stream {name} for topic {topic:?}: {e}"
-                ))
+                TransportError::Provisioning(format!("stream {name} for topic {topic:?}: {e}"))
             })?;
         let have = &stream.cached_info().config;
         if !have.subjects.iter().any(|x| x == &subj) {
@@ -218,9 +216,9 @@ fn publish_error(kind: PublishErrorKind, e: &dyn std::fmt::Display) -> Transport
     match kind {
         PublishErrorKind::TimedOut => TransportError::Timeout(format!("no JetStream ACK: {e}")),
         PublishErrorKind::BrokenPipe => TransportError::Unavailable(e.to_string()),
-        PublishErrorKind::StreamNotFound => TransportError::Rejected(format!(
-            "no stream captures the subject (deleted?): {e}"
-        )),
+        PublishErrorKind::StreamNotFound => {
+            TransportError::Rejected(format!("no stream captures the subject (deleted?): {e}"))
+        }
         PublishErrorKind::MaxPayloadExceeded => TransportError::Rejected(e.to_string()),
         _ => TransportError::Rejected(e.to_string()),
     }
@@ -229,7 +227,9 @@ fn publish_error(kind: PublishErrorKind, e: &dyn std::fmt::Display) -> Transport
 fn retryable(kind: PublishErrorKind) -> bool {
     matches!(
         kind,
-        PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe | PublishErrorKind::StreamNotFound
+        PublishErrorKind::TimedOut
+            | PublishErrorKind::BrokenPipe
+            | PublishErrorKind::StreamNotFound
     )
 }
 

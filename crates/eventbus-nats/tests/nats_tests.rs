@@ -46,13 +46,25 @@ async fn republished_event_id_is_a_duplicate_and_stored_once() {
     let bus = bus().await;
     let topic = unique("nats-dedup");
     let e = Envelope::new("a", "t", 1, json!({}));
-    let first = bus.publish_envelope_and_wait(&topic, &e).await.expect("publish");
-    let second = bus.publish_envelope_and_wait(&topic, &e).await.expect("publish");
+    let first = bus
+        .publish_envelope_and_wait(&topic, &e)
+        .await
+        .expect("publish");
+    let second = bus
+        .publish_envelope_and_wait(&topic, &e)
+        .await
+        .expect("publish");
     let r1 = first.outcome.expect("acked");
     let r2 = second.outcome.expect("acked");
     assert!(!r1.duplicate);
-    assert!(r2.duplicate, "JetStream must report the Nats-Msg-Id duplicate");
-    assert_eq!(r1.position, r2.position, "the duplicate points at the stored copy");
+    assert!(
+        r2.duplicate,
+        "JetStream must report the Nats-Msg-Id duplicate"
+    );
+    assert_eq!(
+        r1.position, r2.position,
+        "the duplicate points at the stored copy"
+    );
     let mut stream = bus
         .transport()
         .jetstream()
@@ -77,7 +89,10 @@ async fn provisioning_defaults_are_visible_in_stream_and_consumer_info() {
         .expect("stream");
     let cfg = stream.info().await.expect("info").config.clone();
     assert_eq!(cfg.subjects, vec![topic.clone()]);
-    assert_eq!(cfg.storage, async_nats::jetstream::stream::StorageType::File);
+    assert_eq!(
+        cfg.storage,
+        async_nats::jetstream::stream::StorageType::File
+    );
     assert_eq!(cfg.max_bytes, 1 << 30);
     assert_eq!(cfg.max_messages, 1_000_000);
     assert_eq!(cfg.duplicate_window, Duration::from_secs(120));
@@ -85,7 +100,10 @@ async fn provisioning_defaults_are_visible_in_stream_and_consumer_info() {
         stream.get_consumer("billing").await.expect("consumer");
     let c = consumer.info().await.expect("consumer info").config.clone();
     assert_eq!(c.durable_name.as_deref(), Some("billing"));
-    assert_eq!(c.ack_policy, async_nats::jetstream::consumer::AckPolicy::Explicit);
+    assert_eq!(
+        c.ack_policy,
+        async_nats::jetstream::consumer::AckPolicy::Explicit
+    );
     assert_eq!(c.ack_wait, Duration::from_secs(30));
     assert_eq!(c.max_ack_pending, 10_000);
     assert_eq!(c.max_waiting, 1_000);
@@ -156,7 +174,10 @@ async fn bad_subject_oversize_and_malformed_input() {
     bus.publish_envelope(&topic, &good).await.expect("publish");
     assert_eq!(ok.wait_for(1, "the valid envelope").await[0], good);
     let dead = dlq.wait_for(1, "the dead letter").await;
-    assert_eq!(dead[0].headers().get(headers::DLQ_REASON), Some("malformed"));
+    assert_eq!(
+        dead[0].headers().get(headers::DLQ_REASON),
+        Some("malformed")
+    );
     bus.close().await.expect("close");
 }
 
@@ -246,7 +267,9 @@ async fn server_restart_mid_run_loses_nothing() {
                 for a in 0..AGGS {
                     let e = Envelope::new(format!("agg-{a}"), "t", v, json!({"v": v}));
                     ids.push(e.event_id.clone());
-                    bus.publish_envelope(&topic, &e).await.expect("publish accepted");
+                    bus.publish_envelope(&topic, &e)
+                        .await
+                        .expect("publish accepted");
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -297,7 +320,11 @@ async fn server_restart_mid_run_loses_nothing() {
             first.push(e.clone());
         }
     }
-    assert_eq!(ordering_violations(&first), 0, "order broken across the restart");
+    assert_eq!(
+        ordering_violations(&first),
+        0,
+        "order broken across the restart"
+    );
     println!(
         "restart: {} published, {} handled ({} repeats), health {:?}",
         ids.len(),
@@ -315,7 +342,9 @@ async fn token_auth_is_passed_through() {
     // The shared test server has no auth: a token is accepted and ignored by it, proving the
     // option reaches the connection without breaking it.
     let cfg = NatsConfig::new(nats_url()).with_auth(Auth::Token(Secret::new("unused-token")));
-    let t = NatsTransport::connect(cfg).await.expect("connect with a token");
+    let t = NatsTransport::connect(cfg)
+        .await
+        .expect("connect with a token");
     let bus = Bus::new(t, BusConfig::default()).expect("bus");
     let r = bus
         .publish_and_wait(&unique("nats-auth"), &b"x"[..])

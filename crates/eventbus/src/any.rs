@@ -13,19 +13,50 @@ use eventbus_core::{
     SubscriptionSpec, Transport, TransportError,
 };
 
+/// Runs `$body` on whichever backend `$value` holds. `$wrap` names, inside `$body`, the
+/// matching variant constructor of the `$out` enum.
+macro_rules! each {
+    ($value:expr, $enum:ident => $out:ident, |$x:ident, $wrap:ident| $body:expr) => {
+        match $value {
+            $enum::Memory($x) => {
+                let $wrap = $out::Memory;
+                $body
+            }
+            #[cfg(feature = "nats")]
+            $enum::Nats($x) => {
+                let $wrap = $out::Nats;
+                $body
+            }
+        }
+    };
+    ($value:expr, $enum:ident, |$x:ident| $body:expr) => {
+        match $value {
+            $enum::Memory($x) => $body,
+            #[cfg(feature = "nats")]
+            $enum::Nats($x) => $body,
+        }
+    };
+}
+
 /// Which broker to use, and how to reach it.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
+// One per bus or subscription: the size of the largest backend costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum BackendConfig {
     /// A new embedded broker private to this bus.
     Memory(MemoryConfig),
     /// An existing embedded broker, shared with other buses of this process.
     SharedMemory(MemoryBroker),
+    /// NATS JetStream.
+    #[cfg(feature = "nats")]
+    Nats(eventbus_nats::NatsConfig),
 }
 
 impl BackendConfig {
-    /// Parses a backend URL: `memory://`; with the features, `nats://host:port` and
-    /// `kafka://host:port[,host:port]`.
+    /// Parses a backend URL: `memory://`; with the `nats` feature `nats://host:port`
+    /// (comma-separated for several servers); with `kafka`, `kafka://host:port[,host:port]`.
+    /// Everything else takes its defaults; build the config value for more control.
     ///
     /// ```
     /// use eventbus::BackendConfig;
@@ -36,23 +67,31 @@ impl BackendConfig {
         let scheme = url.split("://").next().unwrap_or_default();
         match scheme {
             "memory" => Ok(BackendConfig::Memory(MemoryConfig::default())),
-            "nats" | "tls" => Err(BusError::Config(format!(
-                "{url}: this build has no NATS backend (enable the `nats` feature)"
-            ))),
-            "kafka" => Err(BusError::Config(format!(
-                "{url}: this build has no Kafka backend (enable the `kafka` feature)"
-            ))),
+            #[cfg(feature = "nats")]
+            "nats" | "tls" => Ok(BackendConfig::Nats(eventbus_nats::NatsConfig::new(url))),
+            #[cfg(not(feature = "nats"))]
+            "nats" | "tls" => Err(BusError::Config(
+                "this build has no NATS backend (enable the `nats` feature)".into(),
+            )),
+            "kafka" => Err(BusError::Config(
+                "this build has no Kafka backend (enable the `kafka` feature)".into(),
+            )),
             _ => Err(BusError::Config(format!(
-                "unknown backend URL {url:?} (expected memory://, nats://host:port or kafka://host:port)"
+                "unknown backend URL scheme {scheme:?} (expected memory://, nats://host:port or kafka://host:port)"
             ))),
         }
     }
 }
 
 /// The transport of an [`crate::EventBus`].
+// One per bus or subscription: the size of the largest backend costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum AnyTransport {
     /// Embedded memory broker.
     Memory(MemoryTransport),
+    /// NATS JetStream.
+    #[cfg(feature = "nats")]
+    Nats(eventbus_nats::NatsTransport),
 }
 
 impl AnyTransport {
@@ -63,6 +102,10 @@ impl AnyTransport {
                 MemoryBroker::with_config(cfg).transport(),
             )),
             BackendConfig::SharedMemory(broker) => Ok(AnyTransport::Memory(broker.transport())),
+            #[cfg(feature = "nats")]
+            BackendConfig::Nats(cfg) => Ok(AnyTransport::Nats(
+                eventbus_nats::NatsTransport::connect(cfg).await?,
+            )),
         }
     }
 }
@@ -71,27 +114,39 @@ impl AnyTransport {
 pub enum AnyAck {
     /// Memory backend.
     Memory(<MemoryTransport as Transport>::Ack),
+    /// NATS backend.
+    #[cfg(feature = "nats")]
+    Nats(eventbus_nats::NatsAck),
 }
 
 impl Future for AnyAck {
     type Output = Result<Receipt, TransportError>;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.get_mut() {
-            AnyAck::Memory(f) => Pin::new(f).poll(cx),
-        }
+        each!(self.get_mut(), AnyAck, |f| Pin::new(f).poll(cx))
     }
 }
 
 /// Subscription of an [`AnyTransport`].
+// One per bus or subscription: the size of the largest backend costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum AnySubscription {
     /// Memory backend.
     Memory(MemorySubscription),
+    /// NATS backend.
+    #[cfg(feature = "nats")]
+    Nats(eventbus_nats::NatsSubscription),
 }
 
 /// Delivery of an [`AnyTransport`].
+// Boxing the larger variant would add an allocation per message; the dispatcher queues are
+// bounded, so the size difference is bounded too.
+#[allow(clippy::large_enum_variant)]
 pub enum AnyDelivery {
     /// Memory backend.
     Memory(MemoryDelivery),
+    /// NATS backend.
+    #[cfg(feature = "nats")]
+    Nats(eventbus_nats::NatsDelivery),
 }
 
 impl Transport for AnyTransport {
@@ -99,39 +154,27 @@ impl Transport for AnyTransport {
     type Subscription = AnySubscription;
 
     fn backend(&self) -> &'static str {
-        match self {
-            AnyTransport::Memory(t) => t.backend(),
-        }
+        each!(self, AnyTransport, |t| t.backend())
     }
 
     fn capabilities(&self) -> Capabilities {
-        match self {
-            AnyTransport::Memory(t) => t.capabilities(),
-        }
+        each!(self, AnyTransport, |t| t.capabilities())
     }
 
     async fn send(&self, message: OutgoingMessage) -> Result<AnyAck, TransportError> {
-        match self {
-            AnyTransport::Memory(t) => t.send(message).await.map(AnyAck::Memory),
-        }
+        each!(self, AnyTransport => AnyAck, |t, wrap| t.send(message).await.map(wrap))
     }
 
     async fn subscribe(&self, spec: SubscriptionSpec) -> Result<AnySubscription, TransportError> {
-        match self {
-            AnyTransport::Memory(t) => t.subscribe(spec).await.map(AnySubscription::Memory),
-        }
+        each!(self, AnyTransport => AnySubscription, |t, wrap| t.subscribe(spec).await.map(wrap))
     }
 
     fn health(&self) -> Health {
-        match self {
-            AnyTransport::Memory(t) => t.health(),
-        }
+        each!(self, AnyTransport, |t| t.health())
     }
 
     async fn close(&self) -> Result<(), TransportError> {
-        match self {
-            AnyTransport::Memory(t) => t.close().await,
-        }
+        each!(self, AnyTransport, |t| t.close().await)
     }
 }
 
@@ -143,49 +186,35 @@ impl Subscription for AnySubscription {
         max: usize,
         max_wait: Duration,
     ) -> Result<Vec<AnyDelivery>, TransportError> {
-        match self {
-            AnySubscription::Memory(s) => s
-                .fetch(max, max_wait)
-                .await
-                .map(|v| v.into_iter().map(AnyDelivery::Memory).collect()),
-        }
+        each!(self, AnySubscription => AnyDelivery, |s, wrap| s
+            .fetch(max, max_wait)
+            .await
+            .map(|v| v.into_iter().map(wrap).collect()))
     }
 
     async fn close(self) -> Result<(), TransportError> {
-        match self {
-            AnySubscription::Memory(s) => s.close().await,
-        }
+        each!(self, AnySubscription, |s| s.close().await)
     }
 }
 
 impl Delivery for AnyDelivery {
     fn message(&self) -> &Message {
-        match self {
-            AnyDelivery::Memory(d) => d.message(),
-        }
+        each!(self, AnyDelivery, |d| d.message())
     }
 
     async fn ack(self) -> Result<(), TransportError> {
-        match self {
-            AnyDelivery::Memory(d) => d.ack().await,
-        }
+        each!(self, AnyDelivery, |d| d.ack().await)
     }
 
     async fn nak(self, delay: Duration) -> Result<(), TransportError> {
-        match self {
-            AnyDelivery::Memory(d) => d.nak(delay).await,
-        }
+        each!(self, AnyDelivery, |d| d.nak(delay).await)
     }
 
     async fn term(self) -> Result<(), TransportError> {
-        match self {
-            AnyDelivery::Memory(d) => d.term().await,
-        }
+        each!(self, AnyDelivery, |d| d.term().await)
     }
 
     async fn in_progress(&self) -> Result<(), TransportError> {
-        match self {
-            AnyDelivery::Memory(d) => d.in_progress().await,
-        }
+        each!(self, AnyDelivery, |d| d.in_progress().await)
     }
 }

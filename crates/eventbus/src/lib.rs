@@ -33,6 +33,9 @@ pub use eventbus_core::{
     PublishResult, PublishResults, Receipt, RetryPolicy, SubscribeOptions, SubscriptionHandle,
     TransportError,
 };
+/// The NATS backend's configuration types.
+#[cfg(feature = "nats")]
+pub use eventbus_nats as nats;
 
 /// The bus over whichever backend the configuration names.
 pub type EventBus = Bus<AnyTransport>;
