@@ -31,6 +31,7 @@ pub mod memory;
 mod message;
 mod metrics;
 mod publish;
+mod secret;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 mod transport;
@@ -48,6 +49,7 @@ pub use headers::Headers;
 pub use message::{BrokerPosition, Message, OutgoingMessage};
 pub use metrics::MetricsSnapshot;
 pub use publish::{PublishResult, PublishResults, ResultCallback};
+pub use secret::Secret;
 pub use transport::{
     validate_topic, Capabilities, ConnectionState, Delivery, Health, Receipt, Subscription,
     SubscriptionSpec, Transport, MAX_TOPIC_LEN,

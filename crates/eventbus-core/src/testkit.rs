@@ -244,8 +244,9 @@ async fn subscribe_dlq<T: Transport>(bus: &Bus<T>, topic: &str) -> Recorder<Mess
 pub async fn round_trip<B: Backend>(b: &B) {
     let bus = connect(b, kit_config()).await;
     let topic = unique("round-trip");
+    let group = unique("group");
     let rec = Recorder::default();
-    bus.subscribe(&topic, "g1", rec.handler())
+    bus.subscribe(&topic, &group, rec.handler())
         .await
         .expect("subscribe");
     let id = bus
@@ -277,8 +278,9 @@ pub async fn round_trip<B: Backend>(b: &B) {
 pub async fn headers_round_trip<B: Backend>(b: &B) {
     let bus = connect(b, kit_config()).await;
     let topic = unique("headers");
+    let group = unique("group");
     let rec = Recorder::default();
-    bus.subscribe(&topic, "g1", rec.handler())
+    bus.subscribe(&topic, &group, rec.handler())
         .await
         .expect("subscribe");
     let e = env("agg-h", 7)
@@ -311,9 +313,10 @@ pub async fn per_aggregate_order<B: Backend>(b: &B) {
     const VERSIONS: i64 = 40;
     let bus = connect(b, kit_config()).await;
     let topic = unique("order");
+    let group = unique("group");
     let rec: Recorder<Envelope> = Recorder::default();
     let r = rec.clone();
-    bus.subscribe_envelope(&topic, "g1", move |e: Envelope| {
+    bus.subscribe_envelope(&topic, &group, move |e: Envelope| {
         let r = r.clone();
         async move {
             // Yield so handlers of different aggregates interleave.
@@ -360,12 +363,13 @@ pub async fn global_pool_delivery<B: Backend>(b: &B) {
     const N: usize = 32;
     let bus = connect(b, kit_config()).await;
     let topic = unique("global");
+    let group = unique("group");
     let rec = Recorder::default();
     let r = rec.clone();
     let running = Arc::new(AtomicUsize::new(0));
     let peak = Arc::new(AtomicUsize::new(0));
     let (run, pk) = (running.clone(), peak.clone());
-    bus.subscribe(&topic, "g1", move |m: Message| {
+    bus.subscribe(&topic, &group, move |m: Message| {
         let (r, run, pk) = (r.clone(), run.clone(), pk.clone());
         async move {
             let now = run.fetch_add(1, Ordering::SeqCst) + 1;
@@ -405,10 +409,11 @@ pub async fn global_pool_delivery<B: Backend>(b: &B) {
 pub async fn retry_then_success<B: Backend>(b: &B) {
     let bus = connect(b, kit_config()).await;
     let topic = unique("retry");
+    let group = unique("group");
     let rec: Recorder<Envelope> = Recorder::default();
     let attempts = Arc::new(Mutex::new(HashMap::<i64, u32>::new()));
     let (r, at) = (rec.clone(), attempts.clone());
-    bus.subscribe_envelope(&topic, "g1", move |e: Envelope| {
+    bus.subscribe_envelope(&topic, &group, move |e: Envelope| {
         let (r, at) = (r.clone(), at.clone());
         async move {
             let n = {
@@ -445,10 +450,11 @@ pub async fn retry_then_success<B: Backend>(b: &B) {
 pub async fn panic_is_an_error<B: Backend>(b: &B) {
     let bus = connect(b, kit_config()).await;
     let topic = unique("panic");
+    let group = unique("group");
     let rec: Recorder<Envelope> = Recorder::default();
     let panicked = Arc::new(AtomicUsize::new(0));
     let (r, p) = (rec.clone(), panicked.clone());
-    bus.subscribe_envelope(&topic, "g1", move |e: Envelope| {
+    bus.subscribe_envelope(&topic, &group, move |e: Envelope| {
         let (r, p) = (r.clone(), p.clone());
         async move {
             if e.event_version == 3 && p.fetch_add(1, Ordering::SeqCst) == 0 {
@@ -483,11 +489,12 @@ pub async fn panic_is_an_error<B: Backend>(b: &B) {
 pub async fn dead_letter_after_attempts<B: Backend>(b: &B) {
     let bus = connect(b, kit_config()).await;
     let topic = unique("dlq");
+    let group = unique("group");
     let dlq = subscribe_dlq(&bus, &topic).await;
     let rec: Recorder<Envelope> = Recorder::default();
     let tries = Arc::new(AtomicUsize::new(0));
     let (r, t) = (rec.clone(), tries.clone());
-    bus.subscribe_envelope(&topic, "g1", move |e: Envelope| {
+    bus.subscribe_envelope(&topic, &group, move |e: Envelope| {
         let (r, t) = (r.clone(), t.clone());
         async move {
             if e.event_version == 2 {
@@ -519,7 +526,7 @@ pub async fn dead_letter_after_attempts<B: Backend>(b: &B) {
         .contains("boom-v2"));
     assert_eq!(h.get(headers::DLQ_ATTEMPTS), Some("3"));
     assert_eq!(h.get(headers::DLQ_TOPIC), Some(topic.as_str()));
-    assert_eq!(h.get(headers::DLQ_GROUP), Some("g1"));
+    assert_eq!(h.get(headers::DLQ_GROUP), Some(group.as_str()));
     assert_eq!(h.get(headers::DLQ_REASON), Some("handler"));
     assert_eq!(dead[0].envelope().expect("dead letter keeps the body"), bad);
     assert_eq!(tries.load(Ordering::SeqCst), 3);
@@ -547,9 +554,10 @@ pub async fn consumer_group_shares_work<B: Backend>(b: &B) {
     );
     // One log for both instances, in handling order: (instance, envelope).
     let log: Recorder<(u8, Envelope)> = Recorder::default();
+    let shared_group = unique("shared");
     for (i, bus) in [(0u8, &a), (1u8, &c)] {
         let l = log.clone();
-        bus.subscribe_envelope(&topic, "shared", move |e: Envelope| {
+        bus.subscribe_envelope(&topic, &shared_group, move |e: Envelope| {
             let l = l.clone();
             async move {
                 l.push((i, e));
@@ -609,10 +617,10 @@ pub async fn independent_groups<B: Backend>(b: &B) {
     let bus = connect(b, kit_config()).await;
     let topic = unique("groups");
     let (r1, r2) = (Recorder::default(), Recorder::default());
-    bus.subscribe(&topic, "billing", r1.handler())
+    bus.subscribe(&topic, &unique("billing"), r1.handler())
         .await
         .expect("subscribe");
-    bus.subscribe(&topic, "shipping", r2.handler())
+    bus.subscribe(&topic, &unique("shipping"), r2.handler())
         .await
         .expect("subscribe");
     for i in 0..20 {
@@ -640,7 +648,7 @@ pub async fn new_subscriber_receives_stored<B: Backend>(b: &B) {
     }
     bus.flush().await.expect("flush");
     let rec: Recorder<Envelope> = Recorder::default();
-    bus.subscribe_envelope(&topic, "late", rec.envelope_handler())
+    bus.subscribe_envelope(&topic, &unique("late"), rec.envelope_handler())
         .await
         .expect("subscribe");
     let got = rec.wait_for(20, "stored envelopes").await;
@@ -652,11 +660,12 @@ pub async fn new_subscriber_receives_stored<B: Backend>(b: &B) {
 /// nothing lost.
 pub async fn resume_after_restart<B: Backend>(b: &B) {
     let topic = unique("resume");
+    let svc = unique("svc");
     let publisher = connect(b, kit_config()).await;
     let first = connect(b, kit_config()).await;
     let rec1: Recorder<Envelope> = Recorder::default();
     first
-        .subscribe_envelope(&topic, "svc", rec1.envelope_handler())
+        .subscribe_envelope(&topic, &svc, rec1.envelope_handler())
         .await
         .expect("subscribe");
     for v in 1..=10 {
@@ -677,7 +686,7 @@ pub async fn resume_after_restart<B: Backend>(b: &B) {
     let second = connect(b, kit_config()).await;
     let rec2: Recorder<Envelope> = Recorder::default();
     second
-        .subscribe_envelope(&topic, "svc", rec2.envelope_handler())
+        .subscribe_envelope(&topic, &svc, rec2.envelope_handler())
         .await
         .expect("subscribe");
     let got = rec2
@@ -761,8 +770,9 @@ pub async fn one_result_per_publish<B: Backend>(b: &B) {
 pub async fn dedup_by_event_id<B: Backend>(b: &B) {
     let bus = connect(b, kit_config()).await;
     let topic = unique("dedup");
+    let group = unique("group");
     let rec: Recorder<Envelope> = Recorder::default();
-    bus.subscribe_envelope(&topic, "g1", rec.envelope_handler())
+    bus.subscribe_envelope(&topic, &group, rec.envelope_handler())
         .await
         .expect("subscribe");
     let e = env("agg-dd", 1);
@@ -844,7 +854,7 @@ pub async fn close_while_publishing_loses_nothing<B: Backend>(b: &B) {
     let reader = connect(b, kit_config()).await;
     let rec: Recorder<Envelope> = Recorder::default();
     reader
-        .subscribe_envelope(&topic, "after-close", rec.envelope_handler())
+        .subscribe_envelope(&topic, &unique("after-close"), rec.envelope_handler())
         .await
         .expect("subscribe");
     let want: HashSet<String> = accepted.into_iter().collect();
@@ -866,8 +876,9 @@ fn varied_json(n: usize) -> Bytes {
 pub async fn compression_round_trip<B: Backend>(b: &B) {
     let bus = connect(b, kit_config().with_compression(Compression::Lz4)).await;
     let topic = unique("lz4");
+    let group = unique("group");
     let rec = Recorder::default();
-    bus.subscribe(&topic, "g1", rec.handler())
+    bus.subscribe(&topic, &group, rec.handler())
         .await
         .expect("subscribe");
     let payload = varied_json(200);
@@ -883,11 +894,12 @@ pub async fn compression_round_trip<B: Backend>(b: &B) {
 /// Compressed and plain messages share a topic; each is decoded correctly.
 pub async fn mixed_compressed_and_plain<B: Backend>(b: &B) {
     let topic = unique("mixed");
+    let group = unique("group");
     let lz = connect(b, kit_config().with_compression(Compression::Lz4)).await;
     let plain = connect(b, kit_config()).await;
     let rec = Recorder::default();
     plain
-        .subscribe(&topic, "g1", rec.handler())
+        .subscribe(&topic, &group, rec.handler())
         .await
         .expect("subscribe");
     let big = varied_json(100);
@@ -914,9 +926,10 @@ pub async fn mixed_compressed_and_plain<B: Backend>(b: &B) {
 pub async fn malformed_input_dead_letter<B: Backend>(b: &B) {
     let bus = connect(b, kit_config()).await;
     let topic = unique("malformed");
+    let group = unique("group");
     let dlq = subscribe_dlq(&bus, &topic).await;
     let rec: Recorder<Envelope> = Recorder::default();
-    bus.subscribe_envelope(&topic, "g1", rec.envelope_handler())
+    bus.subscribe_envelope(&topic, &group, rec.envelope_handler())
         .await
         .expect("subscribe");
     let bad_json = bus

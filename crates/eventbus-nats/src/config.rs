@@ -3,26 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// A secret string: never printed by `Debug` or logs.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a secret.
-    pub fn new(s: impl Into<String>) -> Self {
-        Self(s.into())
-    }
-
-    pub(crate) fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
+pub use eventbus_core::Secret;
 
 /// How the client authenticates.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -1,0 +1,184 @@
+//! Kafka configuration with documented defaults.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use eventbus_core::Secret;
+use rdkafka::ClientConfig;
+
+/// `security.protocol` and what goes with it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Security {
+    /// `plaintext` (default), `ssl`, `sasl_plaintext` or `sasl_ssl`.
+    pub protocol: Option<String>,
+    /// SASL mechanism: `PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512`.
+    pub sasl_mechanism: Option<String>,
+    /// SASL user.
+    pub sasl_username: Option<String>,
+    /// SASL password.
+    pub sasl_password: Option<Secret>,
+    /// CA certificate (PEM).
+    pub ssl_ca_location: Option<PathBuf>,
+    /// Client certificate (PEM), for mutual TLS.
+    pub ssl_certificate_location: Option<PathBuf>,
+    /// Client key (PEM).
+    pub ssl_key_location: Option<PathBuf>,
+    /// Password of the client key.
+    pub ssl_key_password: Option<Secret>,
+}
+
+/// How topics are created (through the admin API; broker auto-create is never relied on).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSettings {
+    /// Partitions of new topics (default 16): the ceiling of consumer parallelism per group.
+    pub partitions: i32,
+    /// Replication factor (default 1: a single broker here).
+    pub replication: i32,
+    /// `retention.ms` of new topics (default: the broker's).
+    pub retention_ms: Option<i64>,
+}
+
+impl Default for TopicSettings {
+    fn default() -> Self {
+        Self {
+            partitions: 16,
+            replication: 1,
+            retention_ms: None,
+        }
+    }
+}
+
+/// Producer tuning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProducerSettings {
+    /// `compression.type` (default `lz4`: native Kafka batch compression).
+    pub compression: String,
+    /// `linger.ms` (default 5): a little batching at a small latency cost.
+    pub linger_ms: u32,
+    /// `batch.num.messages` (default 10,000).
+    pub batch_num_messages: u32,
+    /// `message.timeout.ms` (default 120 s): how long librdkafka retries one message before
+    /// its result is a failure.
+    pub message_timeout: Duration,
+    /// Any other librdkafka producer property.
+    pub extra: Vec<(String, String)>,
+}
+
+impl Default for ProducerSettings {
+    fn default() -> Self {
+        Self {
+            compression: "lz4".into(),
+            linger_ms: 5,
+            batch_num_messages: 10_000,
+            message_timeout: Duration::from_secs(120),
+            extra: Vec::new(),
+        }
+    }
+}
+
+/// Consumer tuning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerSettings {
+    /// `session.timeout.ms` (default 10 s).
+    pub session_timeout: Duration,
+    /// How often completed offsets are committed (default 1 s; also on close and revoke).
+    pub commit_interval: Duration,
+    /// How long a revocation waits for in-flight messages of revoked partitions (default 10 s).
+    pub drain_timeout: Duration,
+    /// Any other librdkafka consumer property.
+    pub extra: Vec<(String, String)>,
+}
+
+impl Default for ConsumerSettings {
+    fn default() -> Self {
+        Self {
+            session_timeout: Duration::from_secs(10),
+            commit_interval: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(10),
+            extra: Vec::new(),
+        }
+    }
+}
+
+/// Everything the Kafka transport needs.
+///
+/// ```
+/// use eventbus_kafka::KafkaConfig;
+/// let mut cfg = KafkaConfig::new("127.0.0.1:9092");
+/// cfg.security.sasl_password = Some(eventbus_core::Secret::new("pw"));
+/// assert!(!format!("{cfg:?}").contains("\"pw\""));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// `client.id` (default `eventbus`).
+    pub client_id: String,
+    /// Security settings.
+    pub security: Security,
+    /// New topics.
+    pub topic: TopicSettings,
+    /// Producer.
+    pub producer: ProducerSettings,
+    /// Consumers.
+    pub consumer: ConsumerSettings,
+    /// Timeout of admin and metadata requests (default 10 s).
+    pub request_timeout: Duration,
+}
+
+impl KafkaConfig {
+    /// Defaults for the brokers at `brokers` (`host:port[,host:port]`).
+    pub fn new(brokers: impl Into<String>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            client_id: "eventbus".into(),
+            security: Security::default(),
+            topic: TopicSettings::default(),
+            producer: ProducerSettings::default(),
+            consumer: ConsumerSettings::default(),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+
+    pub(crate) fn base(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("client.id", &self.client_id);
+        let s = &self.security;
+        let opt = |c: &mut ClientConfig, k: &str, v: Option<&str>| {
+            if let Some(v) = v {
+                c.set(k, v);
+            }
+        };
+        opt(&mut c, "security.protocol", s.protocol.as_deref());
+        opt(&mut c, "sasl.mechanism", s.sasl_mechanism.as_deref());
+        opt(&mut c, "sasl.username", s.sasl_username.as_deref());
+        opt(
+            &mut c,
+            "sasl.password",
+            s.sasl_password.as_ref().map(Secret::expose),
+        );
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+        opt(
+            &mut c,
+            "ssl.ca.location",
+            path(&s.ssl_ca_location).as_deref(),
+        );
+        opt(
+            &mut c,
+            "ssl.certificate.location",
+            path(&s.ssl_certificate_location).as_deref(),
+        );
+        opt(
+            &mut c,
+            "ssl.key.location",
+            path(&s.ssl_key_location).as_deref(),
+        );
+        opt(
+            &mut c,
+            "ssl.key.password",
+            s.ssl_key_password.as_ref().map(Secret::expose),
+        );
+        c
+    }
+}

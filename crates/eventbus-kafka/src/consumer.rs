@@ -1,0 +1,363 @@
+//! One consumer per subscription (group = consumer group id), with contiguous commits and
+//! drain-before-release on rebalance.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use eventbus_core::{
+    BrokerPosition, Delivery, Headers, Message, Subscription, SubscriptionSpec, TransportError,
+};
+use futures_util::FutureExt;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::message::{BorrowedMessage, Headers as _};
+use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
+
+use crate::config::KafkaConfig;
+use crate::offsets::OffsetTracker;
+use crate::transport::{blocking, kafka_error};
+
+/// How often a revocation checks whether the revoked partitions' messages are settled.
+const DRAIN_POLL: Duration = Duration::from_millis(5);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A message waiting for a local redelivery (nak'ed, or dropped unsettled).
+struct Parked {
+    due: Instant,
+    message: Message,
+    partition: i32,
+    offset: i64,
+}
+
+/// State shared by the consumer, its rebalance callbacks and its deliveries.
+struct Shared {
+    tracker: Mutex<OffsetTracker>,
+    parked: Mutex<Vec<Parked>>,
+    drain_timeout: Duration,
+}
+
+impl Shared {
+    fn park(&self, message: Message, partition: i32, offset: i64, delay: Duration) {
+        lock(&self.tracker).park(partition, offset);
+        lock(&self.parked).push(Parked {
+            due: Instant::now() + delay,
+            message,
+            partition,
+            offset,
+        });
+    }
+}
+
+/// Rebalance hooks: before partitions are released, wait for what was fetched from them to
+/// be settled, then commit their completed offsets.
+pub struct GroupContext {
+    shared: Arc<Shared>,
+    topic: Arc<str>,
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(list) = rebalance else {
+            return;
+        };
+        let partitions: Vec<i32> = list
+            .elements_for_topic(&self.topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        // Parked redeliveries of revoked partitions go to the next owner (they stay
+        // uncommitted, so the next owner starts at or before them).
+        lock(&self.shared.parked).retain(|p| !partitions.contains(&p.partition));
+        let deadline = Instant::now() + self.shared.drain_timeout;
+        blocking(|| loop {
+            let busy: usize = {
+                let t = lock(&self.shared.tracker);
+                partitions.iter().map(|p| t.busy(*p)).sum()
+            };
+            if busy == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(topic = %self.topic, busy, "revoked partitions not drained in time; their messages will be redelivered to the next owner");
+                break;
+            }
+            std::thread::sleep(DRAIN_POLL);
+        });
+        let mut commits = TopicPartitionList::new();
+        {
+            let mut t = lock(&self.shared.tracker);
+            for p in &partitions {
+                if let Some(point) = t.commit_point(*p) {
+                    let _ = commits.add_partition_offset(&self.topic, *p, Offset::Offset(point));
+                }
+                t.revoke(*p);
+            }
+        }
+        if commits.count() > 0 {
+            if let Err(e) = consumer.commit(&commits, CommitMode::Sync) {
+                tracing::warn!(topic = %self.topic, error = %e, "commit on revoke failed");
+            }
+        }
+        tracing::debug!(topic = %self.topic, ?partitions, "partitions revoked");
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            let mut t = lock(&self.shared.tracker);
+            for e in list.elements_for_topic(&self.topic) {
+                t.assign(e.partition());
+            }
+            tracing::debug!(topic = %self.topic, partitions = list.count(), "partitions assigned");
+        }
+    }
+}
+
+/// A member of a Kafka consumer group, read by one fetcher.
+pub struct KafkaSubscription {
+    consumer: StreamConsumer<GroupContext>,
+    shared: Arc<Shared>,
+    topic: Arc<str>,
+    commit_interval: Duration,
+    last_commit: Instant,
+}
+
+impl KafkaSubscription {
+    pub(crate) fn create(
+        config: &KafkaConfig,
+        spec: SubscriptionSpec,
+    ) -> Result<Self, TransportError> {
+        let c = &config.consumer;
+        let mut cc = config.base();
+        cc.set("group.id", &spec.group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set(
+                "session.timeout.ms",
+                c.session_timeout.as_millis().to_string(),
+            );
+        for (k, v) in &c.extra {
+            cc.set(k, v);
+        }
+        let shared = Arc::new(Shared {
+            tracker: Mutex::new(OffsetTracker::new()),
+            parked: Mutex::new(Vec::new()),
+            drain_timeout: c.drain_timeout,
+        });
+        let topic: Arc<str> = Arc::from(spec.topic.as_str());
+        let consumer: StreamConsumer<GroupContext> = cc
+            .create_with_context(GroupContext {
+                shared: shared.clone(),
+                topic: topic.clone(),
+            })
+            .map_err(|e| TransportError::Other(format!("consumer configuration: {e}")))?;
+        consumer
+            .subscribe(&[&spec.topic])
+            .map_err(|e| kafka_error(&format!("subscribe to {}", spec.topic), &e))?;
+        Ok(Self {
+            consumer,
+            shared,
+            topic,
+            commit_interval: c.commit_interval,
+            last_commit: Instant::now(),
+        })
+    }
+
+    fn delivery(&self, m: &BorrowedMessage<'_>) -> KafkaDelivery {
+        let mut headers = Headers::new();
+        if let Some(h) = m.headers() {
+            for header in h.iter() {
+                let value = header
+                    .value
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default();
+                headers.insert(header.key, value);
+            }
+        }
+        let (partition, offset) = (m.partition(), m.offset());
+        lock(&self.shared.tracker).fetched(partition, offset);
+        KafkaDelivery {
+            message: Message::new(
+                self.topic.clone(),
+                Bytes::copy_from_slice(m.payload().unwrap_or_default()),
+                Arc::new(headers),
+                m.key().map(Bytes::copy_from_slice),
+                Some(BrokerPosition {
+                    partition: u32::try_from(partition).ok(),
+                    offset: u64::try_from(offset).unwrap_or(0),
+                }),
+                1,
+            ),
+            partition,
+            offset,
+            shared: self.shared.clone(),
+            settled: false,
+        }
+    }
+
+    /// Parked messages whose redelivery time has come.
+    fn due_redeliveries(&self, max: usize) -> Vec<KafkaDelivery> {
+        let now = Instant::now();
+        let mut parked = lock(&self.shared.parked);
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < parked.len() && out.len() < max {
+            if parked[i].due <= now {
+                let p = parked.swap_remove(i);
+                lock(&self.shared.tracker).unpark(p.partition, p.offset);
+                let count = p.message.delivery_count().saturating_add(1);
+                let m = &p.message;
+                out.push(KafkaDelivery {
+                    message: Message::new(
+                        self.topic.clone(),
+                        m.payload().clone(),
+                        Arc::new(m.headers().clone()),
+                        m.key().map(Bytes::copy_from_slice),
+                        m.position(),
+                        count,
+                    ),
+                    partition: p.partition,
+                    offset: p.offset,
+                    shared: self.shared.clone(),
+                    settled: false,
+                });
+            } else {
+                i += 1;
+            }
+        }
+        out
+    }
+
+    fn commit(&mut self, mode: CommitMode) {
+        let commits = lock(&self.shared.tracker).take_commits();
+        self.last_commit = Instant::now();
+        if commits.is_empty() {
+            return;
+        }
+        let mut list = TopicPartitionList::new();
+        for (p, offset) in commits {
+            let _ = list.add_partition_offset(&self.topic, p, Offset::Offset(offset));
+        }
+        let result = match mode {
+            CommitMode::Sync => blocking(|| self.consumer.commit(&list, mode)),
+            CommitMode::Async => self.consumer.commit(&list, mode),
+        };
+        if let Err(e) = result {
+            tracing::warn!(topic = %self.topic, error = %e, "offset commit failed; it is retried with the next one");
+        }
+    }
+}
+
+impl Subscription for KafkaSubscription {
+    type Delivery = KafkaDelivery;
+
+    async fn fetch(
+        &mut self,
+        max: usize,
+        max_wait: Duration,
+    ) -> Result<Vec<KafkaDelivery>, TransportError> {
+        if self.last_commit.elapsed() >= self.commit_interval {
+            self.commit(CommitMode::Async);
+        }
+        let mut batch = self.due_redeliveries(max);
+        if !batch.is_empty() {
+            return Ok(batch);
+        }
+        let first = match tokio::time::timeout(max_wait, self.consumer.recv()).await {
+            Err(_) => return Ok(batch),
+            Ok(Err(e)) => return Err(kafka_error("consume", &e)),
+            Ok(Ok(m)) => self.delivery(&m),
+        };
+        batch.push(first);
+        while batch.len() < max {
+            let next = match self.consumer.recv().now_or_never() {
+                Some(Ok(m)) => self.delivery(&m),
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "consume error after a batch");
+                    break;
+                }
+                None => break,
+            };
+            batch.push(next);
+        }
+        Ok(batch)
+    }
+
+    async fn close(mut self) -> Result<(), TransportError> {
+        self.commit(CommitMode::Sync);
+        // Leaving the group runs the revoke hook (which commits again, harmlessly) and waits
+        // for the broker: keep that off the runtime's workers.
+        let consumer = self.consumer;
+        blocking(move || {
+            consumer.unsubscribe();
+            drop(consumer);
+        });
+        Ok(())
+    }
+}
+
+/// One Kafka record. Acking marks its offset complete; a nak (or dropping it unsettled)
+/// parks it for a local redelivery, its offset still uncommitted.
+pub struct KafkaDelivery {
+    message: Message,
+    partition: i32,
+    offset: i64,
+    shared: Arc<Shared>,
+    settled: bool,
+}
+
+impl KafkaDelivery {
+    fn complete(&mut self) {
+        self.settled = true;
+        lock(&self.shared.tracker).settled(self.partition, self.offset);
+    }
+}
+
+impl Drop for KafkaDelivery {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.shared.park(
+                self.message.clone(),
+                self.partition,
+                self.offset,
+                Duration::ZERO,
+            );
+        }
+    }
+}
+
+impl Delivery for KafkaDelivery {
+    fn message(&self) -> &Message {
+        &self.message
+    }
+
+    async fn ack(mut self) -> Result<(), TransportError> {
+        self.complete();
+        Ok(())
+    }
+
+    async fn nak(mut self, delay: Duration) -> Result<(), TransportError> {
+        self.settled = true;
+        self.shared
+            .park(self.message.clone(), self.partition, self.offset, delay);
+        Ok(())
+    }
+
+    async fn term(mut self) -> Result<(), TransportError> {
+        self.complete();
+        Ok(())
+    }
+
+    async fn in_progress(&self) -> Result<(), TransportError> {
+        // Kafka has no per-message deadline; liveness is the consumer's poll loop.
+        Ok(())
+    }
+}

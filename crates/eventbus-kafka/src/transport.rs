@@ -1,0 +1,247 @@
+//! The Kafka transport: one idempotent producer per bus, topic provisioning, ACK futures.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::RwLock;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use eventbus_core::{
+    BrokerPosition, Capabilities, ConnectionState, Health, OutgoingMessage, Receipt,
+    SubscriptionSpec, Transport, TransportError,
+};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+
+use crate::config::KafkaConfig;
+use crate::consumer::KafkaSubscription;
+
+/// Pause before offering a message again when librdkafka's local queue is full.
+const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(2);
+
+/// A connection to a Kafka cluster: one producer (and one admin client) per bus.
+pub struct KafkaTransport {
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    pub(crate) config: KafkaConfig,
+    provisioned: RwLock<HashSet<String>>,
+    closed: AtomicBool,
+}
+
+pub(crate) fn kafka_error(context: &str, e: &KafkaError) -> TransportError {
+    let text = format!("{context}: {e}");
+    match e.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::MessageSizeTooLarge) => TransportError::Rejected(text),
+        Some(RDKafkaErrorCode::UnknownTopicOrPartition)
+        | Some(RDKafkaErrorCode::TopicAuthorizationFailed) => TransportError::Rejected(text),
+        Some(RDKafkaErrorCode::MessageTimedOut) | Some(RDKafkaErrorCode::OperationTimedOut) => {
+            TransportError::Timeout(text)
+        }
+        Some(RDKafkaErrorCode::AllBrokersDown) | Some(RDKafkaErrorCode::BrokerTransportFailure) => {
+            TransportError::Unavailable(text)
+        }
+        _ => TransportError::Other(text),
+    }
+}
+
+/// Runs a blocking librdkafka call without stalling the runtime's other tasks.
+pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+impl KafkaTransport {
+    /// Creates the producer and admin client and checks that the cluster answers.
+    pub async fn connect(config: KafkaConfig) -> Result<Self, TransportError> {
+        let mut pc = config.base();
+        let p = &config.producer;
+        pc.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("compression.type", &p.compression)
+            .set("linger.ms", p.linger_ms.to_string())
+            .set("batch.num.messages", p.batch_num_messages.to_string())
+            .set(
+                "message.timeout.ms",
+                p.message_timeout.as_millis().to_string(),
+            );
+        for (k, v) in &p.extra {
+            pc.set(k, v);
+        }
+        let producer: FutureProducer = pc
+            .create()
+            .map_err(|e| TransportError::Other(format!("producer configuration: {e}")))?;
+        let admin: AdminClient<DefaultClientContext> = config
+            .base()
+            .create()
+            .map_err(|e| TransportError::Other(format!("admin configuration: {e}")))?;
+        let timeout = config.request_timeout;
+        blocking(|| producer.client().fetch_metadata(None, timeout)).map_err(|e| {
+            TransportError::Unavailable(format!("cannot reach Kafka at {}: {e}", config.brokers))
+        })?;
+        Ok(Self {
+            producer,
+            admin,
+            config,
+            provisioned: RwLock::new(HashSet::new()),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// Creates `topic` with the configured partitions and replication, or checks that the
+    /// existing topic has the configured partition count.
+    pub async fn provision_topic(&self, topic: &str) -> Result<(), TransportError> {
+        if self
+            .provisioned
+            .read()
+            .map(|p| p.contains(topic))
+            .unwrap_or(false)
+        {
+            return Ok(());
+        }
+        let t = &self.config.topic;
+        let retention = t.retention_ms.map(|r| r.to_string());
+        let mut new = NewTopic::new(topic, t.partitions, TopicReplication::Fixed(t.replication));
+        if let Some(r) = retention.as_deref() {
+            new = new.set("retention.ms", r);
+        }
+        let opts = AdminOptions::new().operation_timeout(Some(self.config.request_timeout));
+        let results = self
+            .admin
+            .create_topics([&new], &opts)
+            .await
+            .map_err(|e| kafka_error(&format!("create topic {topic}"), &e))?;
+        for r in results {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => {
+                    return Err(TransportError::Provisioning(format!(
+                        "create topic {name}: {code}"
+                    )))
+                }
+            }
+        }
+        let partitions = self.partition_count(topic).await?;
+        if partitions != t.partitions as usize {
+            return Err(TransportError::Provisioning(format!(
+                "topic {topic} exists with {partitions} partitions, configured {}",
+                t.partitions
+            )));
+        }
+        if let Ok(mut p) = self.provisioned.write() {
+            p.insert(topic.to_string());
+        }
+        Ok(())
+    }
+
+    /// Partitions of `topic` according to the cluster's metadata.
+    pub async fn partition_count(&self, topic: &str) -> Result<usize, TransportError> {
+        let timeout = self.config.request_timeout;
+        let md = blocking(|| self.producer.client().fetch_metadata(Some(topic), timeout))
+            .map_err(|e| kafka_error(&format!("metadata of {topic}"), &e))?;
+        Ok(md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .map_or(0, |t| t.partitions().len()))
+    }
+}
+
+/// Resolves with the delivery report of one message: partition and offset, or the error.
+pub struct KafkaAck(DeliveryFuture);
+
+impl Future for KafkaAck {
+    type Output = Result<Receipt, TransportError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Poll::Ready(match std::task::ready!(Pin::new(&mut self.0).poll(cx)) {
+            Ok(Ok(d)) => Ok(Receipt {
+                position: Some(BrokerPosition {
+                    partition: u32::try_from(d.partition).ok(),
+                    offset: u64::try_from(d.offset).unwrap_or(0),
+                }),
+                // Kafka does not say; the idempotent producer only drops its own retries.
+                duplicate: false,
+            }),
+            Ok(Err((e, _))) => Err(kafka_error("delivery", &e)),
+            Err(_) => Err(TransportError::Closed),
+        })
+    }
+}
+
+impl Transport for KafkaTransport {
+    type Ack = KafkaAck;
+    type Subscription = KafkaSubscription;
+
+    fn backend(&self) -> &'static str {
+        "kafka"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            partitioned_groups: true,
+            publish_dedup: false,
+        }
+    }
+
+    async fn send(&self, message: OutgoingMessage) -> Result<KafkaAck, TransportError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(TransportError::Closed);
+        }
+        self.provision_topic(&message.topic).await?;
+        let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
+        for (key, value) in message.headers.iter() {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            });
+        }
+        let mut record = FutureRecord::to(&message.topic)
+            .payload(&message.payload[..])
+            .headers(headers);
+        if let Some(k) = &message.key {
+            record = record.key(k.as_bytes());
+        }
+        loop {
+            match self.producer.send_result(record) {
+                Ok(f) => return Ok(KafkaAck(f)),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    tokio::time::sleep(QUEUE_FULL_BACKOFF).await;
+                }
+                Err((e, _)) => return Err(kafka_error("produce", &e)),
+            }
+        }
+    }
+
+    async fn subscribe(&self, spec: SubscriptionSpec) -> Result<KafkaSubscription, TransportError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(TransportError::Closed);
+        }
+        self.provision_topic(&spec.topic).await?;
+        KafkaSubscription::create(&self.config, spec)
+    }
+
+    fn health(&self) -> Health {
+        Health {
+            backend: "kafka",
+            state: if self.closed.load(Ordering::Acquire) {
+                ConnectionState::Closed
+            } else {
+                ConnectionState::Connected
+            },
+        }
+    }
+
+    async fn close(&self) -> Result<(), TransportError> {
+        self.closed.store(true, Ordering::Release);
+        let timeout = self.config.request_timeout;
+        blocking(|| self.producer.flush(timeout)).map_err(|e| kafka_error("flush on close", &e))
+    }
+}
