@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, exactly as CI runs it (.ci/run calls this script).
-# Installs and starts what the tests need on 127.0.0.1 (nats-server via scripts/nats.sh),
-# runs everything, and stops the brokers again.
+# Installs and starts what the tests need on 127.0.0.1 (nats-server via scripts/nats.sh, the
+# Kafka-protocol broker Tansu via scripts/kafka.sh), runs everything, stops the brokers again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
@@ -10,9 +10,11 @@ step() { printf '\n== %s\n' "$*"; }
 
 step "brokers"
 scripts/nats.sh fresh
-trap 'scripts/nats.sh stop' EXIT
+scripts/kafka.sh fresh
+trap 'scripts/nats.sh stop; scripts/kafka.sh stop' EXIT
 eval "$(scripts/nats.sh env | sed 's/^/export /')"
-echo "EVENTBUS_NATS_URL=$EVENTBUS_NATS_URL"
+eval "$(scripts/kafka.sh env | sed 's/^/export /')"
+echo "EVENTBUS_NATS_URL=$EVENTBUS_NATS_URL EVENTBUS_KAFKA_BROKERS=$EVENTBUS_KAFKA_BROKERS"
 
 step "format"
 cargo fmt --all -- --check
@@ -21,13 +23,14 @@ step "lint"
 cargo clippy --workspace --all-features --all-targets --locked -- -D warnings
 
 step "doc tests"
-cargo test --locked --all-features --doc -p eventbus-core -p eventbus -p eventbus-nats
+cargo test --locked --all-features --doc -p eventbus-core -p eventbus -p eventbus-nats -p eventbus-kafka
 
 step "examples"
 cargo run --locked -q -p eventbus-examples --example quickstart
 cargo run --locked -q -p eventbus-examples --example ordered_consumer
 cargo run --locked -q -p eventbus-examples --example broker_swap
 EVENTBUS_URL="$EVENTBUS_NATS_URL" cargo run --locked -q -p eventbus-examples --example broker_swap
+EVENTBUS_URL="kafka://$EVENTBUS_KAFKA_BROKERS" cargo run --locked -q -p eventbus-examples --example broker_swap
 
 step "main command, smallest level"
 cargo run --locked -q -p eventbus-benches --bin eventbus-bench -- --level low

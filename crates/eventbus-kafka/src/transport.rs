@@ -23,6 +23,8 @@ use crate::consumer::KafkaSubscription;
 
 /// Pause before offering a message again when librdkafka's local queue is full.
 const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(2);
+/// Poll interval while a new topic propagates to the metadata.
+const TOPIC_METADATA_POLL: Duration = Duration::from_millis(50);
 
 /// A connection to a Kafka cluster: one producer (and one admin client) per bus.
 pub struct KafkaTransport {
@@ -49,13 +51,24 @@ pub(crate) fn kafka_error(context: &str, e: &KafkaError) -> TransportError {
     }
 }
 
-/// Runs a blocking librdkafka call without stalling the runtime's other tasks.
+/// Runs a blocking librdkafka call from inside a spawned task (the fetcher) without stalling
+/// the runtime's other tasks. Calls made from user code use [`off_runtime`] instead.
 pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> R {
     use tokio::runtime::{Handle, RuntimeFlavor};
     match Handle::try_current() {
         Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
         _ => f(),
     }
+}
+
+/// Runs a blocking librdkafka call on the blocking pool (one-off calls: connect, metadata,
+/// flush), so it is safe from any async context, `LocalSet`s included.
+async fn off_runtime<R: Send + 'static>(
+    f: impl FnOnce() -> R + Send + 'static,
+) -> Result<R, TransportError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| TransportError::Other(format!("blocking librdkafka call failed: {e}")))
 }
 
 impl KafkaTransport {
@@ -83,9 +96,15 @@ impl KafkaTransport {
             .create()
             .map_err(|e| TransportError::Other(format!("admin configuration: {e}")))?;
         let timeout = config.request_timeout;
-        blocking(|| producer.client().fetch_metadata(None, timeout)).map_err(|e| {
-            TransportError::Unavailable(format!("cannot reach Kafka at {}: {e}", config.brokers))
-        })?;
+        let probe = producer.clone();
+        off_runtime(move || probe.client().fetch_metadata(None, timeout).map(|_| ()))
+            .await?
+            .map_err(|e| {
+                TransportError::Unavailable(format!(
+                    "cannot reach Kafka at {}: {e}",
+                    config.brokers
+                ))
+            })?;
         Ok(Self {
             producer,
             admin,
@@ -106,6 +125,27 @@ impl KafkaTransport {
         {
             return Ok(());
         }
+        let t = &self.config.topic;
+        let partitions = match self.partition_count(topic).await? {
+            Some(n) => n,
+            None => {
+                self.create_topic(topic).await?;
+                self.wait_for_topic(topic).await?
+            }
+        };
+        if partitions != t.partitions as usize {
+            return Err(TransportError::Provisioning(format!(
+                "topic {topic} exists with {partitions} partitions, configured {}",
+                t.partitions
+            )));
+        }
+        if let Ok(mut p) = self.provisioned.write() {
+            p.insert(topic.to_string());
+        }
+        Ok(())
+    }
+
+    async fn create_topic(&self, topic: &str) -> Result<(), TransportError> {
         let t = &self.config.topic;
         let retention = t.retention_ms.map(|r| r.to_string());
         let mut new = NewTopic::new(topic, t.partitions, TopicReplication::Fixed(t.replication));
@@ -128,29 +168,42 @@ impl KafkaTransport {
                 }
             }
         }
-        let partitions = self.partition_count(topic).await?;
-        if partitions != t.partitions as usize {
-            return Err(TransportError::Provisioning(format!(
-                "topic {topic} exists with {partitions} partitions, configured {}",
-                t.partitions
-            )));
-        }
-        if let Ok(mut p) = self.provisioned.write() {
-            p.insert(topic.to_string());
-        }
         Ok(())
     }
 
-    /// Partitions of `topic` according to the cluster's metadata.
-    pub async fn partition_count(&self, topic: &str) -> Result<usize, TransportError> {
+    /// A created topic shows up in metadata a little later.
+    async fn wait_for_topic(&self, topic: &str) -> Result<usize, TransportError> {
+        let deadline = tokio::time::Instant::now() + self.config.request_timeout;
+        loop {
+            if let Some(n) = self.partition_count(topic).await? {
+                return Ok(n);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(TransportError::Provisioning(format!(
+                    "topic {topic} was created but does not appear in the cluster metadata"
+                )));
+            }
+            tokio::time::sleep(TOPIC_METADATA_POLL).await;
+        }
+    }
+
+    /// Partitions of `topic` according to the cluster's metadata, `None` if it does not
+    /// exist. Reads the metadata of all topics: asking for one topic by name could make a
+    /// broker with auto-create on create it with its own defaults.
+    pub async fn partition_count(&self, topic: &str) -> Result<Option<usize>, TransportError> {
         let timeout = self.config.request_timeout;
-        let md = blocking(|| self.producer.client().fetch_metadata(Some(topic), timeout))
-            .map_err(|e| kafka_error(&format!("metadata of {topic}"), &e))?;
-        Ok(md
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic)
-            .map_or(0, |t| t.partitions().len()))
+        let producer = self.producer.clone();
+        let name = topic.to_string();
+        off_runtime(move || {
+            producer.client().fetch_metadata(None, timeout).map(|md| {
+                md.topics()
+                    .iter()
+                    .find(|t| t.name() == name && t.error().is_none())
+                    .map(|t| t.partitions().len())
+            })
+        })
+        .await?
+        .map_err(|e| kafka_error(&format!("metadata of {topic}"), &e))
     }
 }
 
@@ -242,6 +295,9 @@ impl Transport for KafkaTransport {
     async fn close(&self) -> Result<(), TransportError> {
         self.closed.store(true, Ordering::Release);
         let timeout = self.config.request_timeout;
-        blocking(|| self.producer.flush(timeout)).map_err(|e| kafka_error("flush on close", &e))
+        let producer = self.producer.clone();
+        off_runtime(move || producer.flush(timeout))
+            .await?
+            .map_err(|e| kafka_error("flush on close", &e))
     }
 }

@@ -27,6 +27,11 @@ macro_rules! each {
                 let $wrap = $out::Nats;
                 $body
             }
+            #[cfg(feature = "kafka")]
+            $enum::Kafka($x) => {
+                let $wrap = $out::Kafka;
+                $body
+            }
         }
     };
     ($value:expr, $enum:ident, |$x:ident| $body:expr) => {
@@ -34,6 +39,8 @@ macro_rules! each {
             $enum::Memory($x) => $body,
             #[cfg(feature = "nats")]
             $enum::Nats($x) => $body,
+            #[cfg(feature = "kafka")]
+            $enum::Kafka($x) => $body,
         }
     };
 }
@@ -51,6 +58,9 @@ pub enum BackendConfig {
     /// NATS JetStream.
     #[cfg(feature = "nats")]
     Nats(eventbus_nats::NatsConfig),
+    /// Kafka.
+    #[cfg(feature = "kafka")]
+    Kafka(eventbus_kafka::KafkaConfig),
 }
 
 impl BackendConfig {
@@ -73,6 +83,11 @@ impl BackendConfig {
             "nats" | "tls" => Err(BusError::Config(
                 "this build has no NATS backend (enable the `nats` feature)".into(),
             )),
+            #[cfg(feature = "kafka")]
+            "kafka" => Ok(BackendConfig::Kafka(eventbus_kafka::KafkaConfig::new(
+                url.trim_start_matches("kafka://"),
+            ))),
+            #[cfg(not(feature = "kafka"))]
             "kafka" => Err(BusError::Config(
                 "this build has no Kafka backend (enable the `kafka` feature)".into(),
             )),
@@ -92,6 +107,9 @@ pub enum AnyTransport {
     /// NATS JetStream.
     #[cfg(feature = "nats")]
     Nats(eventbus_nats::NatsTransport),
+    /// Kafka backend.
+    #[cfg(feature = "kafka")]
+    Kafka(eventbus_kafka::KafkaTransport),
 }
 
 impl AnyTransport {
@@ -106,6 +124,10 @@ impl AnyTransport {
             BackendConfig::Nats(cfg) => Ok(AnyTransport::Nats(
                 eventbus_nats::NatsTransport::connect(cfg).await?,
             )),
+            #[cfg(feature = "kafka")]
+            BackendConfig::Kafka(cfg) => Ok(AnyTransport::Kafka(
+                eventbus_kafka::KafkaTransport::connect(cfg).await?,
+            )),
         }
     }
 }
@@ -117,6 +139,9 @@ pub enum AnyAck {
     /// NATS backend.
     #[cfg(feature = "nats")]
     Nats(eventbus_nats::NatsAck),
+    /// Kafka backend.
+    #[cfg(feature = "kafka")]
+    Kafka(eventbus_kafka::KafkaAck),
 }
 
 impl Future for AnyAck {
@@ -135,6 +160,9 @@ pub enum AnySubscription {
     /// NATS backend.
     #[cfg(feature = "nats")]
     Nats(eventbus_nats::NatsSubscription),
+    /// Kafka backend.
+    #[cfg(feature = "kafka")]
+    Kafka(eventbus_kafka::KafkaSubscription),
 }
 
 /// Delivery of an [`AnyTransport`].
@@ -147,6 +175,9 @@ pub enum AnyDelivery {
     /// NATS backend.
     #[cfg(feature = "nats")]
     Nats(eventbus_nats::NatsDelivery),
+    /// Kafka backend.
+    #[cfg(feature = "kafka")]
+    Kafka(eventbus_kafka::KafkaDelivery),
 }
 
 impl Transport for AnyTransport {

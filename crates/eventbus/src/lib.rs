@@ -33,6 +33,9 @@ pub use eventbus_core::{
     PublishResult, PublishResults, Receipt, RetryPolicy, SubscribeOptions, SubscriptionHandle,
     TransportError,
 };
+/// The Kafka backend's configuration types.
+#[cfg(feature = "kafka")]
+pub use eventbus_kafka as kafka;
 /// The NATS backend's configuration types.
 #[cfg(feature = "nats")]
 pub use eventbus_nats as nats;
