@@ -29,4 +29,4 @@ mod transport;
 pub use config::{ConsumerSettings, KafkaConfig, ProducerSettings, Security, TopicSettings};
 pub use consumer::{GroupContext, KafkaDelivery, KafkaSubscription};
 pub use offsets::OffsetTracker;
-pub use transport::{KafkaAck, KafkaTransport};
+pub use transport::{KafkaAck, KafkaTransport, LinkState, ProducerEvents};

@@ -3,8 +3,8 @@
 use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -13,9 +13,10 @@ use eventbus_core::{
     SubscriptionSpec, Transport, TransportError,
 };
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::ProducerContext;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 use crate::config::KafkaConfig;
@@ -26,9 +27,47 @@ const QUEUE_FULL_BACKOFF: Duration = Duration::from_millis(2);
 /// Poll interval while a new topic propagates to the metadata.
 const TOPIC_METADATA_POLL: Duration = Duration::from_millis(50);
 
+const CONNECTED: u8 = 0;
+const BROKERS_DOWN: u8 = 1;
+
+/// Tracks reachability from librdkafka's error events: "all brokers down" marks the bus
+/// reconnecting; the next successful delivery marks it connected again.
+#[derive(Clone, Default)]
+pub struct LinkState(Arc<AtomicU8>);
+
+impl LinkState {
+    fn set(&self, v: u8) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+    fn get(&self) -> u8 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// The producer's librdkafka context.
+#[derive(Clone, Default)]
+pub struct ProducerEvents {
+    link: LinkState,
+}
+
+impl ClientContext for ProducerEvents {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.link.set(BROKERS_DOWN);
+        }
+        tracing::warn!(%error, reason, "kafka client error");
+    }
+}
+
+impl ProducerContext for ProducerEvents {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: ()) {}
+}
+
 /// A connection to a Kafka cluster: one producer (and one admin client) per bus.
 pub struct KafkaTransport {
-    producer: FutureProducer,
+    producer: FutureProducer<ProducerEvents>,
+    link: LinkState,
     admin: AdminClient<DefaultClientContext>,
     pub(crate) config: KafkaConfig,
     provisioned: RwLock<HashSet<String>>,
@@ -88,8 +127,10 @@ impl KafkaTransport {
         for (k, v) in &p.extra {
             pc.set(k, v);
         }
-        let producer: FutureProducer = pc
-            .create()
+        let events = ProducerEvents::default();
+        let link = events.link.clone();
+        let producer: FutureProducer<ProducerEvents> = pc
+            .create_with_context(events)
             .map_err(|e| TransportError::Other(format!("producer configuration: {e}")))?;
         let admin: AdminClient<DefaultClientContext> = config
             .base()
@@ -107,6 +148,7 @@ impl KafkaTransport {
             })?;
         Ok(Self {
             producer,
+            link,
             admin,
             config,
             provisioned: RwLock::new(HashSet::new()),
@@ -208,20 +250,23 @@ impl KafkaTransport {
 }
 
 /// Resolves with the delivery report of one message: partition and offset, or the error.
-pub struct KafkaAck(DeliveryFuture);
+pub struct KafkaAck(DeliveryFuture, LinkState);
 
 impl Future for KafkaAck {
     type Output = Result<Receipt, TransportError>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         Poll::Ready(match std::task::ready!(Pin::new(&mut self.0).poll(cx)) {
-            Ok(Ok(d)) => Ok(Receipt {
-                position: Some(BrokerPosition {
-                    partition: u32::try_from(d.partition).ok(),
-                    offset: u64::try_from(d.offset).unwrap_or(0),
-                }),
-                // Kafka does not say; the idempotent producer only drops its own retries.
-                duplicate: false,
-            }),
+            Ok(Ok(d)) => {
+                self.1.set(CONNECTED);
+                Ok(Receipt {
+                    position: Some(BrokerPosition {
+                        partition: u32::try_from(d.partition).ok(),
+                        offset: u64::try_from(d.offset).unwrap_or(0),
+                    }),
+                    // Kafka does not say; the idempotent producer only drops its own retries.
+                    duplicate: false,
+                })
+            }
             Ok(Err((e, _))) => Err(kafka_error("delivery", &e)),
             Err(_) => Err(TransportError::Closed),
         })
@@ -263,7 +308,7 @@ impl Transport for KafkaTransport {
         }
         loop {
             match self.producer.send_result(record) {
-                Ok(f) => return Ok(KafkaAck(f)),
+                Ok(f) => return Ok(KafkaAck(f, self.link.clone())),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                     record = r;
                     tokio::time::sleep(QUEUE_FULL_BACKOFF).await;
@@ -286,6 +331,8 @@ impl Transport for KafkaTransport {
             backend: "kafka",
             state: if self.closed.load(Ordering::Acquire) {
                 ConnectionState::Closed
+            } else if self.link.get() == BROKERS_DOWN {
+                ConnectionState::Reconnecting
             } else {
                 ConnectionState::Connected
             },

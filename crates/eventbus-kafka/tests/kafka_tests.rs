@@ -11,7 +11,8 @@ use std::time::Duration;
 use common::{brokers, test_config};
 use eventbus_core::testkit::{kit_config, ordering_violations, unique, Recorder};
 use eventbus_core::{
-    Bus, BusConfig, BusError, Envelope, HandlerError, Message, Publication, TransportError,
+    Bus, BusConfig, BusError, ConnectionState, Envelope, HandlerError, Message, Publication,
+    TransportError,
 };
 use eventbus_kafka::{KafkaConfig, KafkaTransport};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -266,7 +267,14 @@ async fn broker_down_and_up_loses_nothing() {
                     .await
                     .expect("publish while down");
             }
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            while bus.health().state != ConnectionState::Reconnecting {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "health never showed the outage"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             cluster.broker_up(1).expect("broker up");
             for _ in 0..ids.len() {
                 let r = tokio::time::timeout(Duration::from_secs(120), results.recv())
@@ -282,6 +290,7 @@ async fn broker_down_and_up_loses_nothing() {
                 })
                 .await;
             assert_eq!(ordering_violations(&got), 0);
+            assert_eq!(bus.health().state, ConnectionState::Connected);
             bus.close().await.expect("close");
         })
         .await;
