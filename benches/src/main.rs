@@ -1,76 +1,178 @@
-//! `eventbus-bench`: runs the seed's pressure scenario through the bus and prints what it
-//! measured. Today it drives the embedded memory backend; broker backends join as they land.
+//! `eventbus-bench`: the broker comparison tool (DESIGN.md §5).
+//!
+//! Runs the seed's scenario per level through the bus on each backend and through the raw
+//! clients on the same brokers, interleaved and repeated, then prints medians, the bus/raw
+//! ratio, and writes a JSON report and an SVG chart.
 //!
 //! ```text
-//! cargo run --release -p eventbus-benches --bin eventbus-bench -- --level extreme
-//! cargo run --release -p eventbus-benches --bin eventbus-bench -- --level all
+//! cargo run --release -p eventbus-benches --bin eventbus-bench                      # memory, extreme
+//! scripts/nats.sh start; scripts/kafka.sh start
+//! eval "$(scripts/nats.sh env; scripts/kafka.sh env)"; export EVENTBUS_NATS_URL EVENTBUS_KAFKA_BROKERS
+//! cargo run --release -p eventbus-benches --bin eventbus-bench -- --levels all --repeats 3
 //! ```
 
-mod scenario;
+mod raw;
+mod report;
+mod targets;
+mod workload;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use scenario::{Level, RunOptions};
+use clap::Parser;
+use targets::{Knobs, RunResult, Target};
+use workload::{Level, PayloadKind};
 
-const USAGE: &str =
-    "usage: eventbus-bench [--level low|medium|high|extreme|scale-100k|scale-1m|all]
-                      [--payload-bytes N] [--compression none|lz4] [--publishers N]
-                      [--keyed-workers N] [--batch-size N] [--window N]";
-
-fn parse(args: &[String]) -> Result<(Vec<Level>, RunOptions), String> {
-    let mut levels = vec![Level::Extreme];
-    let mut opts = RunOptions::default();
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().cloned().ok_or(format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--level" => {
-                let v = value()?;
-                levels = if v == "all" {
-                    Level::ALL.to_vec()
-                } else {
-                    vec![Level::parse(&v).ok_or(format!("unknown level {v:?}"))?]
-                };
-            }
-            "--payload-bytes" => opts.payload_bytes = num(&value()?)?,
-            "--publishers" => opts.publishers = num(&value()?)?,
-            "--keyed-workers" => opts.keyed_workers = Some(num(&value()?)?),
-            "--batch-size" => opts.batch_size = Some(num(&value()?)?),
-            "--window" => opts.window = Some(num(&value()?)?),
-            "--compression" => {
-                opts.compression = match value()?.as_str() {
-                    "none" => eventbus::Compression::None,
-                    "lz4" => eventbus::Compression::Lz4,
-                    other => return Err(format!("unknown compression {other:?}")),
-                }
-            }
-            "-h" | "--help" => return Err(String::new()),
-            other => return Err(format!("unknown argument {other:?}")),
-        }
-    }
-    Ok((levels, opts))
+#[derive(Parser, Debug)]
+#[command(
+    name = "eventbus-bench",
+    about = "Compare eventbus backends and the raw clients under the seed's pressure levels"
+)]
+struct Args {
+    /// Targets, comma-separated. Default: memory, plus the NATS and Kafka targets (bus and
+    /// raw) whose broker address is given.
+    #[arg(long, value_delimiter = ',')]
+    targets: Vec<Target>,
+    /// Levels, comma-separated: low, medium, high, extreme, scale-100k, scale-1m, or all.
+    #[arg(
+        long,
+        alias = "level",
+        value_delimiter = ',',
+        default_value = "extreme"
+    )]
+    levels: Vec<String>,
+    /// Runs per target and level (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Payload content.
+    #[arg(long, value_enum, default_value_t = PayloadKind::Json)]
+    payload: PayloadKind,
+    /// Approximate payload size in bytes.
+    #[arg(long, default_value_t = 256)]
+    payload_bytes: usize,
+    /// Bus compression: none or lz4 (raw Kafka and the Kafka backend always use native lz4).
+    #[arg(long, default_value = "none")]
+    compression: String,
+    /// In-flight publish window (bus and raw).
+    #[arg(long, default_value_t = 10_000)]
+    window: usize,
+    /// Pull batch size (bus and raw NATS).
+    #[arg(long, default_value_t = 500)]
+    batch: usize,
+    /// Keyed workers of the bus dispatcher.
+    #[arg(long, default_value_t = 32)]
+    keyed_workers: usize,
+    /// Global workers of the bus dispatcher (default 2 × cores).
+    #[arg(long)]
+    global_workers: Option<usize>,
+    /// Publisher tasks (each owns a slice of the aggregates and publishes their versions in order).
+    #[arg(long, default_value_t = 8)]
+    publishers: usize,
+    /// NATS server URL.
+    #[arg(long, env = "EVENTBUS_NATS_URL")]
+    nats_url: Option<String>,
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "EVENTBUS_KAFKA_BROKERS")]
+    kafka_brokers: Option<String>,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "target/eventbus-bench/report.json")]
+    json: PathBuf,
+    /// Where to write the SVG chart.
+    #[arg(long, default_value = "target/eventbus-bench/chart.svg")]
+    svg: PathBuf,
 }
 
-fn num(s: &str) -> Result<usize, String> {
-    s.parse().map_err(|_| format!("{s:?} is not a number"))
+fn levels(names: &[String]) -> Result<Vec<Level>, String> {
+    if names.iter().any(|n| n == "all") {
+        return Ok(Level::ALL.to_vec());
+    }
+    names
+        .iter()
+        .map(|n| {
+            Level::ALL
+                .into_iter()
+                .find(|l| l.name() == n)
+                .ok_or_else(|| format!("unknown level {n:?}"))
+        })
+        .collect()
+}
+
+/// Fails fast, naming the address, if a requested broker is not there.
+async fn preflight(targets: &[Target], k: &Knobs) -> Result<(), String> {
+    let needs_nats = targets.iter().any(|t| {
+        matches!(
+            t,
+            Target::Nats | Target::NatsMem | Target::RawNats | Target::RawNatsMem
+        )
+    });
+    if needs_nats {
+        let url = k
+            .nats_url
+            .as_deref()
+            .ok_or("NATS targets need --nats-url or EVENTBUS_NATS_URL")?;
+        let client = tokio::time::timeout(Duration::from_secs(5), async_nats::connect(url))
+            .await
+            .map_err(|_| format!("NATS at {url} did not answer within 5 s"))?
+            .map_err(|e| format!("NATS at {url} is unreachable: {e}"))?;
+        drop(client);
+    }
+    if targets
+        .iter()
+        .any(|t| matches!(t, Target::Kafka | Target::RawKafka))
+    {
+        let brokers = k
+            .kafka_brokers
+            .clone()
+            .ok_or("Kafka targets need --kafka-brokers or EVENTBUS_KAFKA_BROKERS")?;
+        let mut cfg = eventbus::kafka::KafkaConfig::new(&brokers);
+        cfg.request_timeout = Duration::from_secs(5);
+        eventbus::kafka::KafkaTransport::connect(cfg)
+            .await
+            .map_err(|e| format!("Kafka at {brokers} is unreachable: {e}"))?;
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let (levels, opts) = match parse(&args) {
-        Ok(v) => v,
+    let args = Args::parse();
+    let levels = match levels(&args.levels) {
+        Ok(l) => l,
         Err(e) => {
-            if !e.is_empty() {
-                eprintln!("error: {e}");
-            }
-            eprintln!("{USAGE}");
-            return if e.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(2)
-            };
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
         }
     };
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    let knobs = Knobs {
+        payload: args.payload,
+        payload_bytes: args.payload_bytes,
+        compression: args.compression.clone(),
+        window: args.window.max(1),
+        batch: args.batch.max(1),
+        keyed_workers: args.keyed_workers.max(1),
+        global_workers: args.global_workers.unwrap_or(2 * cores).max(1),
+        publishers: args.publishers.max(1),
+        nats_url: args.nats_url.clone(),
+        kafka_brokers: args.kafka_brokers.clone(),
+    };
+    let mut targets = args.targets.clone();
+    if targets.is_empty() {
+        targets.push(Target::Memory);
+        if knobs.nats_url.is_some() {
+            targets.extend([
+                Target::Nats,
+                Target::RawNats,
+                Target::NatsMem,
+                Target::RawNatsMem,
+            ]);
+        }
+        if knobs.kafka_brokers.is_some() {
+            targets.extend([Target::Kafka, Target::RawKafka]);
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -81,23 +183,93 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("{}", scenario::Report::header());
+    if let Err(e) = runtime.block_on(preflight(&targets, &knobs)) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
+    let total = levels.len() * args.repeats.max(1) * targets.len();
+    let mut results: Vec<RunResult> = Vec::new();
     let mut failed = false;
-    for level in levels {
-        match runtime.block_on(scenario::run(level, &opts)) {
-            Ok(report) => {
-                println!("{}", report.row());
-                failed |= report.ordering_violations > 0 || report.lost > 0;
+    let mut done = 0;
+    for level in &levels {
+        for repeat in 1..=args.repeats.max(1) {
+            // Interleaved: every target runs once before any runs twice.
+            for target in &targets {
+                done += 1;
+                eprint!(
+                    "[{done:>3}/{total}] {:<10} {:<12} run {repeat}/{} ... ",
+                    level.name(),
+                    target.name(),
+                    args.repeats.max(1)
+                );
+                match runtime.block_on(targets::run(*target, *level, repeat, &knobs)) {
+                    Ok(r) => {
+                        eprintln!(
+                            "{:>9.0} msg/s e2e, {:>9.0} msg/s acked, lost {}, order {}",
+                            r.e2e_per_sec,
+                            r.send_per_sec,
+                            r.lost,
+                            r.ordering_violations.map_or("-".into(), |v| v.to_string())
+                        );
+                        if !target.is_raw()
+                            && (r.lost > 0 || r.ordering_violations.unwrap_or(0) > 0)
+                        {
+                            failed = true;
+                        }
+                        results.push(r);
+                    }
+                    Err(e) => {
+                        eprintln!("failed: {e}");
+                        failed = true;
+                    }
+                }
             }
+        }
+    }
+    let summaries = report::summarize(&results);
+    println!("{}", report::header());
+    for s in &summaries {
+        println!("{}", report::row(s));
+    }
+    println!(
+        "medians of {} run(s) per row; \"vs raw\" = bus e2e / raw e2e on the same broker (send in parentheses); \
+         raw baselines check no order (\"-\"); kafka = Tansu 0.6.0 (Kafka protocol), not Apache Kafka",
+        args.repeats.max(1)
+    );
+    let report = serde_json::json!({
+        "tool": "eventbus-bench",
+        "version": env!("CARGO_PKG_VERSION"),
+        "machine": { "cores": cores, "os": std::env::consts::OS, "arch": std::env::consts::ARCH },
+        "brokers": {
+            "nats": knobs.nats_url.as_ref().map(|_| "nats-server (see docs/benchmarks.md)"),
+            "kafka": knobs.kafka_brokers.as_ref().map(|_| "Tansu 0.6.0, Kafka protocol, memory storage"),
+        },
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "knobs": knobs,
+        "repeats": args.repeats.max(1),
+        "summaries": summaries,
+        "runs": results,
+    });
+    for (path, body) in [
+        (
+            &args.json,
+            serde_json::to_string_pretty(&report).unwrap_or_default(),
+        ),
+        (&args.svg, report::svg(&summaries)),
+    ] {
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        match std::fs::write(path, body) {
+            Ok(()) => println!("wrote {}", path.display()),
             Err(e) => {
-                eprintln!("error: {} failed: {e}", level.name());
+                eprintln!("error: cannot write {}: {e}", path.display());
                 failed = true;
             }
         }
     }
-    println!("backend: memory (embedded); tasks = peak tokio tasks alive, bus and publishers");
     if failed {
-        eprintln!("error: losses or ordering violations (see the table)");
+        eprintln!("error: a run failed, lost messages or broke per-aggregate order (see above)");
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS

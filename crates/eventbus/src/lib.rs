@@ -27,11 +27,11 @@ mod any;
 pub use any::{AnyAck, AnyDelivery, AnySubscription, AnyTransport, BackendConfig};
 pub use eventbus_core::memory::{MemoryBroker, MemoryConfig};
 pub use eventbus_core::{
-    codec, headers, BrokerPosition, Bus, BusBuilder, BusConfig, BusError, Capabilities,
-    Compression, ConnectionState, DispatchConfig, Envelope, EnvelopeError, EnvelopeHandler,
-    Handler, HandlerError, Headers, Health, Message, MetricsSnapshot, Publication, PublishConfig,
-    PublishResult, PublishResults, Receipt, RetryPolicy, SubscribeOptions, SubscriptionHandle,
-    TransportError,
+    codec, headers, new_event_id, BrokerPosition, Bus, BusBuilder, BusConfig, BusError,
+    Capabilities, Compression, ConnectionState, DispatchConfig, Envelope, EnvelopeError,
+    EnvelopeHandler, Handler, HandlerError, Headers, Health, Message, MetricsSnapshot, Publication,
+    PublishConfig, PublishResult, PublishResults, Receipt, RetryPolicy, SubscribeOptions,
+    SubscriptionHandle, TransportError,
 };
 /// The Kafka backend's configuration types.
 #[cfg(feature = "kafka")]

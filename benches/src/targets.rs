@@ -1,0 +1,474 @@
+//! One measured run of one target: the bus over a backend, or a raw client baseline.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use eventbus::{BackendConfig, BusConfig, Compression, Envelope, EventBus, HandlerError};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+
+use crate::workload::{envelope, Checker, Level, PayloadKind, Percentiles, TOPICS};
+
+/// Longest a run may take before what is missing counts as lost.
+const RUN_DEADLINE: Duration = Duration::from_secs(600);
+const WARMUP_DEADLINE: Duration = Duration::from_secs(60);
+
+/// What can be measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Target {
+    /// The bus on the embedded memory backend.
+    Memory,
+    /// The bus on NATS JetStream, file storage.
+    Nats,
+    /// The bus on NATS JetStream, memory storage.
+    NatsMem,
+    /// The bus on Kafka (Tansu here).
+    Kafka,
+    /// async-nats directly, file storage.
+    RawNats,
+    /// async-nats directly, memory storage.
+    RawNatsMem,
+    /// rdkafka directly.
+    RawKafka,
+}
+
+impl Target {
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Memory => "memory",
+            Target::Nats => "nats",
+            Target::NatsMem => "nats-mem",
+            Target::Kafka => "kafka",
+            Target::RawNats => "raw-nats",
+            Target::RawNatsMem => "raw-nats-mem",
+            Target::RawKafka => "raw-kafka",
+        }
+    }
+
+    pub fn is_raw(self) -> bool {
+        matches!(
+            self,
+            Target::RawNats | Target::RawNatsMem | Target::RawKafka
+        )
+    }
+
+    /// The raw baseline a bus target is compared with.
+    pub fn baseline(self) -> Option<Target> {
+        match self {
+            Target::Nats => Some(Target::RawNats),
+            Target::NatsMem => Some(Target::RawNatsMem),
+            Target::Kafka => Some(Target::RawKafka),
+            _ => None,
+        }
+    }
+
+    pub fn storage(self) -> &'static str {
+        match self {
+            Target::Memory => "in-process memory",
+            Target::Nats | Target::RawNats => "JetStream file",
+            Target::NatsMem | Target::RawNatsMem => "JetStream memory",
+            Target::Kafka | Target::RawKafka => "Tansu memory (Kafka protocol)",
+        }
+    }
+}
+
+/// Knobs shared by every run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Knobs {
+    pub payload: PayloadKind,
+    pub payload_bytes: usize,
+    pub compression: String,
+    pub window: usize,
+    pub batch: usize,
+    pub keyed_workers: usize,
+    pub global_workers: usize,
+    pub publishers: usize,
+    #[serde(skip)]
+    pub nats_url: Option<String>,
+    #[serde(skip)]
+    pub kafka_brokers: Option<String>,
+}
+
+impl Knobs {
+    fn compression(&self) -> Compression {
+        if self.compression == "lz4" {
+            Compression::Lz4
+        } else {
+            Compression::None
+        }
+    }
+}
+
+/// The figures of one run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunResult {
+    pub target: Target,
+    pub storage: &'static str,
+    pub level: Level,
+    pub repeat: usize,
+    pub messages: usize,
+    pub aggregates: usize,
+    /// Messages published and acknowledged per second.
+    pub send_per_sec: f64,
+    /// Messages delivered to the handler per second, from the first publish.
+    pub e2e_per_sec: f64,
+    pub publish_ack_latency: Percentiles,
+    pub e2e_latency: Percentiles,
+    pub peak_rss_mb: f64,
+    pub peak_tasks: usize,
+    pub peak_threads: usize,
+    /// `None` for raw baselines: they check nothing about order.
+    pub ordering_violations: Option<u64>,
+    pub lost: u64,
+    pub duplicates: u64,
+}
+
+fn proc_status(field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Send timestamps by sequence number (the event id): lock-free for bus and raw alike.
+pub(crate) struct SendClock {
+    start: Instant,
+    sent_ns: Vec<AtomicU64>,
+    acked_us: Mutex<Vec<u32>>,
+}
+
+impl SendClock {
+    pub(crate) fn new(n: usize) -> Self {
+        Self {
+            start: Instant::now(),
+            sent_ns: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            acked_us: Mutex::new(Vec::with_capacity(n)),
+        }
+    }
+
+    pub(crate) fn sent(&self, seq: usize) {
+        if let Some(s) = self.sent_ns.get(seq) {
+            s.store(self.start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        }
+    }
+
+    fn acked(&self, seq: Option<usize>) {
+        let Some(sent) = seq.and_then(|s| self.sent_ns.get(s)) else {
+            return;
+        };
+        let now = self.start.elapsed().as_nanos() as u64;
+        let us = (now.saturating_sub(sent.load(Ordering::Relaxed)) / 1000).min(u32::MAX as u64);
+        if let Ok(mut v) = self.acked_us.lock() {
+            v.push(us as u32);
+        }
+    }
+}
+
+/// Samples tasks, threads and memory while a run is in progress.
+pub(crate) struct Peaks {
+    tasks: usize,
+    threads: usize,
+}
+
+impl Peaks {
+    pub(crate) fn reset() -> Self {
+        // Writing 5 resets the kernel's peak-RSS mark, so VmHWM is this run's peak.
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+        Self {
+            tasks: 0,
+            threads: 0,
+        }
+    }
+
+    fn sample(&mut self) {
+        self.tasks = self.tasks.max(
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks(),
+        );
+        self.threads = self
+            .threads
+            .max(proc_status("Threads:").unwrap_or(0.0) as usize);
+    }
+}
+
+/// The envelopes of one run, in publishing order per publisher.
+pub(crate) struct Plan {
+    pub(crate) level: Level,
+    pub(crate) aggregates: usize,
+    pub(crate) versions: usize,
+    pub(crate) run_id: String,
+}
+
+impl Plan {
+    pub(crate) fn new(level: Level) -> Self {
+        let id = eventbus::new_event_id();
+        Self {
+            level,
+            aggregates: level.aggregates(),
+            versions: level.messages() / level.aggregates(),
+            run_id: id[id.len() - 8..].to_string(),
+        }
+    }
+
+    pub(crate) fn messages(&self) -> usize {
+        self.aggregates * self.versions
+    }
+
+    pub(crate) fn topic(&self, t: usize) -> String {
+        format!("bench-{}-{}-{t}", self.level.name(), self.run_id)
+    }
+
+    /// Sequence number of (aggregate, version): also the event id.
+    pub(crate) fn seq(&self, agg: usize, version: usize) -> usize {
+        agg * self.versions + (version - 1)
+    }
+
+    pub(crate) fn event(&self, k: &Knobs, agg: usize, version: usize) -> Envelope {
+        envelope(k.payload, k.payload_bytes, agg, version).with_event_id(format!(
+            "{}-{}",
+            self.run_id,
+            self.seq(agg, version)
+        ))
+    }
+}
+
+fn seq_of(event_id: &str) -> Option<usize> {
+    event_id.rsplit('-').next()?.parse().ok()
+}
+
+/// Waits for the run to finish, sampling peaks. Returns (acked time, delivered time).
+pub(crate) async fn watch(
+    checker: &Checker,
+    acked: &AtomicUsize,
+    messages: usize,
+    start: Instant,
+    peaks: &mut Peaks,
+) -> (Duration, Duration) {
+    let mut acked_at = None;
+    loop {
+        peaks.sample();
+        if acked_at.is_none() && acked.load(Ordering::Relaxed) >= messages {
+            acked_at = Some(start.elapsed());
+        }
+        let delivered = checker.delivered() as usize >= messages;
+        if (delivered && acked_at.is_some()) || start.elapsed() > RUN_DEADLINE {
+            let e2e = start.elapsed();
+            return (acked_at.unwrap_or(e2e), e2e);
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn result(
+    target: Target,
+    plan: &Plan,
+    repeat: usize,
+    send: Duration,
+    e2e: Duration,
+    clock: &SendClock,
+    checker: &Checker,
+    peaks: &Peaks,
+) -> RunResult {
+    let n = plan.messages();
+    let (lost, duplicates) = checker.losses();
+    RunResult {
+        target,
+        storage: target.storage(),
+        level: plan.level,
+        repeat,
+        messages: n,
+        aggregates: plan.aggregates,
+        send_per_sec: n as f64 / send.as_secs_f64(),
+        e2e_per_sec: n as f64 / e2e.as_secs_f64(),
+        publish_ack_latency: Percentiles::of(
+            clock.acked_us.lock().map(|v| v.clone()).unwrap_or_default(),
+        ),
+        e2e_latency: Percentiles::of(checker.latencies()),
+        peak_rss_mb: proc_status("VmHWM:").unwrap_or(0.0) / 1024.0,
+        peak_tasks: peaks.tasks,
+        peak_threads: peaks.threads,
+        ordering_violations: checker.violations(),
+        lost,
+        duplicates,
+    }
+}
+
+/// Runs `target` once at `level`.
+pub async fn run(
+    target: Target,
+    level: Level,
+    repeat: usize,
+    k: &Knobs,
+) -> Result<RunResult, String> {
+    match target {
+        Target::Memory | Target::Nats | Target::NatsMem | Target::Kafka => {
+            run_bus(target, level, repeat, k).await
+        }
+        Target::RawNats | Target::RawNatsMem => crate::raw::nats(target, level, repeat, k).await,
+        Target::RawKafka => crate::raw::kafka(level, repeat, k).await,
+    }
+}
+
+fn backend(target: Target, k: &Knobs) -> Result<BackendConfig, String> {
+    match target {
+        Target::Memory => BackendConfig::from_url("memory://").map_err(|e| e.to_string()),
+        Target::Nats | Target::NatsMem => {
+            let url = k
+                .nats_url
+                .clone()
+                .ok_or("no NATS address (--nats-url or EVENTBUS_NATS_URL)")?;
+            let mut c = eventbus::nats::NatsConfig::new(url);
+            c.max_ack_inflight = k.window;
+            if target == Target::NatsMem {
+                c.stream.storage = eventbus::nats::Storage::Memory;
+            }
+            Ok(BackendConfig::Nats(c))
+        }
+        Target::Kafka => {
+            let brokers = k
+                .kafka_brokers
+                .clone()
+                .ok_or("no Kafka address (--kafka-brokers or EVENTBUS_KAFKA_BROKERS)")?;
+            let mut c = eventbus::kafka::KafkaConfig::new(brokers);
+            c.consumer.session_timeout = Duration::from_secs(6);
+            Ok(BackendConfig::Kafka(c))
+        }
+        _ => Err("not a bus target".into()),
+    }
+}
+
+async fn run_bus(
+    target: Target,
+    level: Level,
+    repeat: usize,
+    k: &Knobs,
+) -> Result<RunResult, String> {
+    let plan = Arc::new(Plan::new(level));
+    let n = plan.messages();
+    let clock = Arc::new(SendClock::new(n));
+    let acked = Arc::new(AtomicUsize::new(0));
+    let (c, a) = (clock.clone(), acked.clone());
+    let mut config = BusConfig::default()
+        .with_compression(k.compression())
+        .with_in_flight_window(k.window)
+        .with_batch_size(k.batch)
+        .with_keyed_workers(k.keyed_workers)
+        .with_global_workers(k.global_workers)
+        .with_result_callback(move |r| {
+            if r.is_ok() {
+                c.acked(seq_of(&r.event_id));
+                a.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    config.publish.results_capacity = k.window;
+    let mut peaks = Peaks::reset();
+    let bus: EventBus = eventbus::connect(backend(target, k)?, config)
+        .await
+        .map_err(|e| format!("{}: {e}", target.name()))?;
+    let checker = Arc::new(Checker::new(plan.aggregates, plan.versions, true));
+    let warm = Arc::new(AtomicUsize::new(0));
+    for t in 0..TOPICS {
+        let (c, w) = (checker.clone(), warm.clone());
+        bus.subscribe_envelope(
+            &plan.topic(t),
+            &format!("bench-{}", plan.run_id),
+            move |e: Envelope| {
+                let (c, w) = (c.clone(), w.clone());
+                async move {
+                    if c.check(&e).is_err() {
+                        w.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok::<(), HandlerError>(())
+                }
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    }
+    // Warm-up: one message per topic, so stream creation and group joins are not timed.
+    for t in 0..TOPICS {
+        let e = Envelope::new("warmup", "warmup", 1, serde_json::Value::Null);
+        bus.publish_envelope(&plan.topic(t), &e)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let started = Instant::now();
+    while warm.load(Ordering::Relaxed) < TOPICS {
+        if started.elapsed() > WARMUP_DEADLINE {
+            return Err(format!("{}: warm-up messages never arrived", target.name()));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    bus.flush().await.map_err(|e| e.to_string())?;
+    acked.store(0, Ordering::Relaxed);
+
+    let start = Instant::now();
+    let publishers = k.publishers.clamp(1, plan.aggregates);
+    let mut tasks = Vec::new();
+    for p in 0..publishers {
+        let (bus, plan, clock, k) = (bus.clone(), plan.clone(), clock.clone(), k.clone());
+        tasks.push(tokio::spawn(async move {
+            for v in 1..=plan.versions {
+                for agg in (p..plan.aggregates).step_by(publishers) {
+                    let e = plan.event(&k, agg, v);
+                    clock.sent(plan.seq(agg, v));
+                    bus.publish_envelope(&plan.topic(agg % TOPICS), &e).await?;
+                }
+            }
+            Ok::<(), eventbus::BusError>(())
+        }));
+    }
+    let (send, e2e) = watch(&checker, &acked, n, start, &mut peaks).await;
+    for t in tasks {
+        t.await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+    }
+    let r = result(target, &plan, repeat, send, e2e, &clock, &checker, &peaks);
+    bus.close().await.map_err(|e| e.to_string())?;
+    if let Some(url) = k
+        .nats_url
+        .as_deref()
+        .filter(|_| matches!(target, Target::Nats | Target::NatsMem))
+    {
+        crate::raw::delete_nats_streams(
+            url,
+            (0..TOPICS).map(|t| format!("EB_{}", plan.topic(t).replace('.', "_"))),
+        )
+        .await;
+    }
+    Ok(r)
+}
+
+/// Shared by the raw baselines: collects ACK futures in one task, like the bus does.
+pub(crate) async fn collect_acks<F>(
+    mut rx: tokio::sync::mpsc::Receiver<(usize, F)>,
+    clock: Arc<SendClock>,
+    acked: Arc<AtomicUsize>,
+) where
+    F: std::future::Future<Output = bool> + Send,
+{
+    let mut pending = FuturesUnordered::new();
+    let mut open = true;
+    while open || !pending.is_empty() {
+        tokio::select! {
+            Some((seq, ok)) = pending.next(), if !pending.is_empty() => {
+                if ok {
+                    clock.acked(Some(seq));
+                    acked.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            next = rx.recv(), if open => match next {
+                Some((seq, f)) => pending.push(async move { (seq, f.await) }),
+                None => open = false,
+            },
+        }
+    }
+}
