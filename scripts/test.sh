@@ -33,7 +33,7 @@ EVENTBUS_URL="$EVENTBUS_NATS_URL" cargo run --locked -q -p eventbus-examples --e
 EVENTBUS_URL="kafka://$EVENTBUS_KAFKA_BROKERS" cargo run --locked -q -p eventbus-examples --example broker_swap
 
 step "main command, smallest level"
-cargo run --locked -q -p eventbus-benches --bin eventbus-bench -- --level low
+cargo run --locked -q -p eventbus-benches --bin eventbus-bench -- --levels low --repeats 1
 
 # Last, so the runner's summary closes the output.
 step "tests"

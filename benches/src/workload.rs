@@ -100,7 +100,7 @@ pub fn payload(kind: PayloadKind, bytes: usize, agg: usize, version: usize) -> s
             json!({ "order": format!("order-{agg}"), "items": items })
         }
         PayloadKind::Incompressible => {
-            let mut x = (agg as u64 + 1) * 0x9E37_79B9_7F4A_7C15 ^ version as u64;
+            let mut x = ((agg as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ version as u64) | 1;
             let mut s = String::with_capacity(bytes);
             while s.len() < bytes {
                 x = mix(x);

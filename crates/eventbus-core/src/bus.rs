@@ -86,7 +86,11 @@ impl Publication {
     }
 
     /// Adds a header.
-    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+    pub fn header<N: AsRef<str> + Into<String>>(
+        mut self,
+        name: N,
+        value: impl Into<String>,
+    ) -> Self {
         self.headers.insert(name, value);
         self
     }

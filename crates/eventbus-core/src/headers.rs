@@ -32,6 +32,48 @@ pub const DLQ_CONTENT_ENCODING: &str = "X-DLQ-Content-Encoding";
 /// On a dead-lettered message: why it was dead-lettered (`handler`, `malformed`, `codec`).
 pub const DLQ_REASON: &str = "X-DLQ-Reason";
 
+/// Every header name eventbus itself writes: stored without allocating.
+pub const WELL_KNOWN: &[&str] = &[
+    EVENT_ID,
+    AGGREGATE_ID,
+    EVENT_TYPE,
+    EVENT_VERSION,
+    TIMESTAMP,
+    TRACE_ID,
+    CORRELATION_ID,
+    TENANT_ID,
+    CONTENT_ENCODING,
+    DLQ_ERROR,
+    DLQ_TOPIC,
+    DLQ_GROUP,
+    DLQ_ATTEMPTS,
+    DLQ_REASON,
+    DLQ_CONTENT_ENCODING,
+];
+
+/// A header name: one of [`WELL_KNOWN`] (no allocation) or any other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Name {
+    Known(&'static str),
+    Other(String),
+}
+
+impl Name {
+    fn new<N: AsRef<str> + Into<String>>(name: N) -> Self {
+        match WELL_KNOWN.iter().find(|k| **k == name.as_ref()) {
+            Some(k) => Name::Known(k),
+            None => Name::Other(name.into()),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            Name::Known(s) => s,
+            Name::Other(s) => s,
+        }
+    }
+}
+
 /// Ordered message headers. Names compare ASCII case-insensitively, because Kafka and NATS
 /// clients differ in how they case header names.
 ///
@@ -43,7 +85,7 @@ pub const DLQ_REASON: &str = "X-DLQ-Reason";
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Headers {
-    entries: Vec<(String, String)>,
+    entries: Vec<(Name, String)>,
 }
 
 impl Headers {
@@ -60,16 +102,15 @@ impl Headers {
     }
 
     /// Sets `name` to `value`, replacing an existing value of the same name.
-    pub fn insert(&mut self, name: impl Into<String>, value: impl Into<String>) {
-        let name = name.into();
+    pub fn insert<N: AsRef<str> + Into<String>>(&mut self, name: N, value: impl Into<String>) {
         let value = value.into();
         match self
             .entries
             .iter_mut()
-            .find(|(n, _)| n.eq_ignore_ascii_case(&name))
+            .find(|(n, _)| n.as_str().eq_ignore_ascii_case(name.as_ref()))
         {
             Some(entry) => entry.1 = value,
-            None => self.entries.push((name, value)),
+            None => self.entries.push((Name::new(name), value)),
         }
     }
 
@@ -77,7 +118,7 @@ impl Headers {
     pub fn get(&self, name: &str) -> Option<&str> {
         self.entries
             .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .find(|(n, _)| n.as_str().eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
 
@@ -86,8 +127,17 @@ impl Headers {
         let idx = self
             .entries
             .iter()
-            .position(|(n, _)| n.eq_ignore_ascii_case(name))?;
+            .position(|(n, _)| n.as_str().eq_ignore_ascii_case(name))?;
         Some(self.entries.remove(idx).1)
+    }
+
+    /// Iterates over `(name, value)` pairs in insertion order; the name is `'static` for the
+    /// [`WELL_KNOWN`] ones, so transports can skip copying it.
+    pub fn iter_known(&self) -> impl Iterator<Item = (Option<&'static str>, &str, &str)> {
+        self.entries.iter().map(|(n, v)| match n {
+            Name::Known(k) => (Some(*k), *k, v.as_str()),
+            Name::Other(o) => (None, o.as_str(), v.as_str()),
+        })
     }
 
     /// Iterates over `(name, value)` pairs in insertion order.
@@ -109,7 +159,7 @@ impl Headers {
     pub fn wire_len(&self) -> usize {
         self.entries
             .iter()
-            .map(|(n, v)| n.len() + v.len() + 4)
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
             .sum()
     }
 }
@@ -137,7 +187,7 @@ pub fn validate(headers: &Headers) -> Result<(), crate::TransportError> {
     Ok(())
 }
 
-impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Headers {
+impl<K: AsRef<str> + Into<String>, V: Into<String>> FromIterator<(K, V)> for Headers {
     fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
         let mut h = Headers::new();
         for (k, v) in iter {
@@ -160,6 +210,15 @@ mod tests {
         assert_eq!(h.get(EVENT_ID), Some("b"));
         assert_eq!(h.remove("X-EVENT-ID").as_deref(), Some("b"));
         assert!(h.is_empty());
+    }
+
+    #[test]
+    fn well_known_names_are_recognised_whatever_their_source() {
+        let mut h = Headers::new();
+        h.insert(String::from("X-Event-ID"), "a");
+        h.insert("X-Custom", "b");
+        let known: Vec<_> = h.iter_known().map(|(k, n, _)| (k.is_some(), n)).collect();
+        assert_eq!(known, [(true, "X-Event-ID"), (false, "X-Custom")]);
     }
 
     #[test]

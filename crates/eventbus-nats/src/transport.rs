@@ -5,7 +5,7 @@ use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
@@ -28,7 +28,9 @@ const MAX_REPUBLISH_BACKOFF: Duration = Duration::from_secs(2);
 /// A client connection to a NATS server with JetStream. One per bus.
 pub struct NatsTransport {
     pub(crate) client: async_nats::Client,
-    pub(crate) context: jetstream::Context,
+    /// Shared by every pending ACK future (for republishing): one `Arc` clone per message
+    /// instead of a `Context` clone.
+    pub(crate) context: Arc<jetstream::Context>,
     pub(crate) config: NatsConfig,
     provisioned: RwLock<HashSet<String>>,
     closed: AtomicBool,
@@ -98,7 +100,7 @@ impl NatsTransport {
             .build(client.clone());
         Ok(Self {
             client,
-            context,
+            context: Arc::new(context),
             config,
             provisioned: RwLock::new(HashSet::new()),
             closed: AtomicBool::new(false),
@@ -187,16 +189,33 @@ impl NatsTransport {
 
 pub(crate) fn header_map(headers: &Headers) -> Result<HeaderMap, TransportError> {
     let mut map = HeaderMap::new();
-    for (name, value) in headers.iter() {
+    for (known, name, value) in headers.iter_known() {
         let invalid = |reason: &str| TransportError::InvalidHeader {
             name: name.to_string(),
             reason: reason.to_string(),
         };
-        let n = HeaderName::from_str(name).map_err(|_| invalid("not a valid NATS header name"))?;
+        // Our own header names are valid constants: no parsing, no allocation.
+        let n = match known {
+            Some(k) => HeaderName::from_static(k),
+            None => {
+                HeaderName::from_str(name).map_err(|_| invalid("not a valid NATS header name"))?
+            }
+        };
         let v = HeaderValue::from_str(value).map_err(|_| invalid("contains CR or LF"))?;
         map.insert(n, v);
     }
     Ok(map)
+}
+
+fn nats_message(
+    headers: &Headers,
+    payload: &bytes::Bytes,
+    event_id: &str,
+) -> Result<jetstream::message::PublishMessage, TransportError> {
+    Ok(jetstream::message::PublishMessage::build()
+        .payload(payload.clone())
+        .headers(header_map(headers)?)
+        .message_id(event_id))
 }
 
 pub(crate) fn headers_from(map: Option<&HeaderMap>) -> Headers {
@@ -277,19 +296,25 @@ impl Transport for NatsTransport {
             return Err(TransportError::Closed);
         }
         self.provision_topic(&message.topic).await?;
-        let headers = header_map(&message.headers)?;
-        let subj = subject(&message.topic).to_string();
-        let publish = jetstream::message::PublishMessage::build()
-            .payload(message.payload)
-            .headers(headers)
-            .message_id(&message.event_id);
+        let OutgoingMessage {
+            topic,
+            event_id,
+            headers,
+            payload,
+            ..
+        } = message;
         let first = self
             .context
-            .send_publish(subj.clone(), publish.clone())
+            .send_publish(
+                subject(&topic).to_string(),
+                nats_message(&headers, &payload, &event_id)?,
+            )
             .await
             .map_err(|e| publish_error(e.kind(), &e))?;
         let context = self.context.clone();
         let retries = self.config.publish_retries;
+        // The message's own parts move into the future; the NATS message is rebuilt only on
+        // the rare republish, so the common path clones nothing.
         Ok(NatsAck(Box::pin(async move {
             let mut pending = first.into_future();
             let mut attempt = 0;
@@ -303,11 +328,15 @@ impl Transport for NatsTransport {
                     return Err(publish_error(err.kind(), &err));
                 }
                 attempt += 1;
-                tracing::debug!(subject = %subj, attempt, error = %err, "publish ACK lost; republishing with the same Nats-Msg-Id");
+                tracing::debug!(subject = %topic, attempt, error = %err, "publish ACK lost; republishing with the same Nats-Msg-Id");
                 loop {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_REPUBLISH_BACKOFF);
-                    match context.send_publish(subj.clone(), publish.clone()).await {
+                    let again = nats_message(&headers, &payload, &event_id)?;
+                    match context
+                        .send_publish(subject(&topic).to_string(), again)
+                        .await
+                    {
                         Ok(f) => {
                             pending = f.into_future();
                             break;

@@ -1,0 +1,79 @@
+//! Runs the comparison tool on the memory backend at `low` and checks its JSON report.
+
+use std::process::Command;
+
+#[test]
+fn memory_low_writes_a_complete_report() {
+    let dir = std::env::temp_dir().join(format!("eventbus-bench-smoke-{}", std::process::id()));
+    let (json, svg) = (dir.join("report.json"), dir.join("chart.svg"));
+    let out = Command::new(env!("CARGO_BIN_EXE_eventbus-bench"))
+        .args([
+            "--targets",
+            "memory",
+            "--levels",
+            "low",
+            "--repeats",
+            "1",
+            "--json",
+        ])
+        .arg(&json)
+        .arg("--svg")
+        .arg(&svg)
+        .output()
+        .expect("run eventbus-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("memory"), "table printed: {stdout}");
+
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("report written")).expect("valid JSON");
+    let s = &report["summaries"][0];
+    assert_eq!(s["target"], "memory");
+    assert_eq!(s["level"], "low");
+    assert_eq!(s["messages"], 500);
+    assert_eq!(s["runs"], 1);
+    assert_eq!(s["lost"], 0);
+    assert_eq!(s["duplicates"], 0);
+    assert_eq!(s["ordering_violations"], 0);
+    for field in [
+        "send_per_sec",
+        "e2e_per_sec",
+        "ack_p50_ms",
+        "ack_p99_ms",
+        "e2e_p50_ms",
+        "e2e_p99_ms",
+        "e2e_max_ms",
+        "peak_rss_mb",
+    ] {
+        assert!(
+            s[field].as_f64().is_some_and(|v| v > 0.0),
+            "{field}: {}",
+            s[field]
+        );
+    }
+    assert!(s["peak_tasks"].as_u64().is_some_and(|t| t > 0));
+    assert!(s["peak_threads"].as_u64().is_some_and(|t| t > 0));
+    let run = &report["runs"][0];
+    assert_eq!(run["storage"], "in-process memory");
+    assert!(run["publish_ack_latency"]["p99_ms"].is_number());
+    assert_eq!(report["knobs"]["window"], 10_000);
+    let chart = std::fs::read_to_string(&svg).expect("chart written");
+    assert!(chart.starts_with("<svg") && chart.contains("memory"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn unreachable_broker_is_reported_and_fails() {
+    let out = Command::new(env!("CARGO_BIN_EXE_eventbus-bench"))
+        .args(["--targets", "nats", "--levels", "low", "--repeats", "1"])
+        .args(["--nats-url", "nats://127.0.0.1:1"])
+        .output()
+        .expect("run eventbus-bench");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("127.0.0.1:1"), "{stderr}");
+}
