@@ -1034,3 +1034,50 @@ impl Backend for crate::memory::MemoryBroker {
         Bus::new(self.transport(), config)
     }
 }
+
+/// Peak tokio tasks alive while `messages` envelopes over `aggregates` aggregates flow
+/// through `bus` (one envelope subscription on a fresh topic). Backends compare it at two
+/// volumes to show the task count is set by configuration only.
+pub async fn peak_tasks_during_flow<T: Transport>(
+    bus: &Bus<T>,
+    messages: usize,
+    aggregates: usize,
+) -> usize {
+    let topic = unique("tasks");
+    let seen = Arc::new(AtomicUsize::new(0));
+    let s = seen.clone();
+    bus.subscribe_envelope(&topic, &unique("group"), move |_e: Envelope| {
+        let s = s.clone();
+        async move {
+            s.fetch_add(1, Ordering::Relaxed);
+            Ok::<(), HandlerError>(())
+        }
+    })
+    .await
+    .expect("subscribe");
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let publish = async {
+        for v in 1..=(messages / aggregates) as i64 {
+            for a in 0..aggregates {
+                bus.publish_envelope(&topic, &env(&format!("agg-{a}"), v))
+                    .await
+                    .expect("publish");
+            }
+        }
+    };
+    let mut peak = 0;
+    // The sampler runs inside this future, not as a task of its own.
+    let sample = async {
+        let deadline = tokio::time::Instant::now() + kit_timeout() * 5;
+        while seen.load(Ordering::Relaxed) < messages {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not all {messages} envelopes delivered"
+            );
+            peak = peak.max(metrics.num_alive_tasks());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::join!(publish, sample);
+    peak
+}

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{brokers, test_config};
-use eventbus_core::testkit::{kit_config, ordering_violations, unique, Recorder};
+use eventbus_core::testkit::{
+    kit_config, ordering_violations, peak_tasks_during_flow, unique, Recorder,
+};
 use eventbus_core::{
     Bus, BusConfig, BusError, ConnectionState, Envelope, HandlerError, Message, Publication,
     TransportError,
@@ -375,37 +377,7 @@ async fn bad_input_gets_typed_errors() {
 
 async fn peak_tasks(n: usize, aggs: usize) -> usize {
     let bus = bus_with(test_config(&brokers()), kit_config()).await;
-    let topic = unique("kafka-tasks");
-    let seen = Arc::new(AtomicUsize::new(0));
-    let s = seen.clone();
-    bus.subscribe_envelope(&topic, &unique("grp"), move |_e: Envelope| {
-        let s = s.clone();
-        async move {
-            s.fetch_add(1, Ordering::Relaxed);
-            Ok::<(), HandlerError>(())
-        }
-    })
-    .await
-    .expect("subscribe");
-    let metrics = tokio::runtime::Handle::current().metrics();
-    let publish = async {
-        for v in 1..=(n / aggs) {
-            for a in 0..aggs {
-                let e = Envelope::new(format!("agg-{a}"), "t", v as i64, json!({"v": v}));
-                bus.publish_envelope(&topic, &e).await.expect("publish");
-            }
-        }
-    };
-    let mut peak = 0;
-    let sample = async {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
-        while seen.load(Ordering::Relaxed) < n {
-            assert!(tokio::time::Instant::now() < deadline, "not all delivered");
-            peak = peak.max(metrics.num_alive_tasks());
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    };
-    tokio::join!(publish, sample);
+    let peak = peak_tasks_during_flow(&bus, n, aggs).await;
     bus.close().await.expect("close");
     peak
 }

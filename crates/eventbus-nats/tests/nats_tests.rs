@@ -3,15 +3,14 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::{nats_url, Nats, OwnServer};
-use eventbus_core::testkit::{kit_config, ordering_violations, unique, Backend, Recorder};
+use eventbus_core::testkit::{
+    kit_config, ordering_violations, peak_tasks_during_flow, unique, Backend, Recorder,
+};
 use eventbus_core::{
-    headers, Bus, BusConfig, BusError, ConnectionState, Envelope, HandlerError, Publication,
-    TransportError,
+    headers, Bus, BusConfig, BusError, ConnectionState, Envelope, Publication, TransportError,
 };
 use eventbus_nats::{Auth, NatsConfig, NatsTransport, Secret};
 use serde_json::json;
@@ -181,41 +180,9 @@ async fn bad_subject_oversize_and_malformed_input() {
     bus.close().await.expect("close");
 }
 
-/// Peak tokio tasks while `n` envelopes over `aggs` aggregates flow through a NATS bus.
 async fn peak_tasks(n: usize, aggs: usize) -> usize {
     let bus = bus().await;
-    let topic = unique("nats-tasks");
-    let seen = Arc::new(AtomicUsize::new(0));
-    let s = seen.clone();
-    bus.subscribe_envelope(&topic, "g", move |_e: Envelope| {
-        let s = s.clone();
-        async move {
-            s.fetch_add(1, Ordering::Relaxed);
-            Ok::<(), HandlerError>(())
-        }
-    })
-    .await
-    .expect("subscribe");
-    let versions = n / aggs;
-    let metrics = tokio::runtime::Handle::current().metrics();
-    let publish = async {
-        for v in 1..=versions {
-            for a in 0..aggs {
-                let e = Envelope::new(format!("agg-{a}"), "t", v as i64, json!({"v": v}));
-                bus.publish_envelope(&topic, &e).await.expect("publish");
-            }
-        }
-    };
-    let mut peak = 0;
-    let sample = async {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
-        while seen.load(Ordering::Relaxed) < n {
-            assert!(tokio::time::Instant::now() < deadline, "not all delivered");
-            peak = peak.max(metrics.num_alive_tasks());
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    };
-    tokio::join!(publish, sample);
+    let peak = peak_tasks_during_flow(&bus, n, aggs).await;
     bus.close().await.expect("close");
     peak
 }
