@@ -50,7 +50,7 @@ async fn run(bus: &EventBus, topic: &str) -> Result<(usize, usize), BusError> {
     bus.flush().await?;
     let total = ACCOUNTS * VERSIONS as usize;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while (bus.metrics().handled as usize) < total && Instant::now() < deadline {
+    while (bus.metrics().handled as usize) < total && deadline > Instant::now() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let handled = bus.metrics().handled as usize;

@@ -507,6 +507,8 @@ impl<T: Transport> Bus<T> {
             *f = Some(task);
         }
         if let Ok(mut subs) = self.inner.subscriptions.lock() {
+            // Unsubscribed ones are done: drop them, so subscribe/unsubscribe cycles stay bounded.
+            subs.retain(|c| !*c.done.borrow());
             subs.push(control.clone());
         }
         Ok(SubscriptionHandle {

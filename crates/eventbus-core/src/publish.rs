@@ -1,6 +1,7 @@
 //! Publish-side plumbing shared by every backend: the bounded in-flight window, the one ACK
 //! collector task per bus, and the results (callback, stream, awaiting caller).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -106,8 +107,6 @@ where
         }
     }
 }
-
-use std::future::Future;
 
 enum Control {
     /// Report everything still pending as failed (close deadline passed).

@@ -31,7 +31,7 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while !cond() {
         assert!(
-            tokio::time::Instant::now() < deadline,
+            deadline > tokio::time::Instant::now(),
             "timed out waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
