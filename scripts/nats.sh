@@ -34,7 +34,17 @@ start() {
   install
   if healthy; then echo "nats-server already up on 127.0.0.1:$PORT"; return; fi
   mkdir -p "$STORE"
-  nohup "$BIN" -js -sd "$STORE" -a 127.0.0.1 -p "$PORT" -m "$MON" >"$LOG" 2>&1 &
+  # Every stream reserves its max_bytes (1 GiB by default) against the server's store limit,
+  # which otherwise defaults to 75 % of the free disk: the test suite's ~60 streams would run
+  # out of reservations on a fuller disk, though they store only megabytes. Set it explicitly.
+  cat > "$BUILD/nats.conf" <<CONF
+jetstream {
+  store_dir: "$STORE"
+  max_file_store: 1099511627776
+  max_memory_store: 17179869184
+}
+CONF
+  nohup "$BIN" -c "$BUILD/nats.conf" -a 127.0.0.1 -p "$PORT" -m "$MON" >"$LOG" 2>&1 &
   echo $! > "$PIDFILE"
   for _ in $(seq 1 100); do
     if healthy; then echo "nats-server $("$BIN" --version | awk '{print $NF}') up on 127.0.0.1:$PORT (store $STORE)"; return; fi
