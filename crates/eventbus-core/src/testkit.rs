@@ -1066,15 +1066,18 @@ pub async fn peak_tasks_during_flow<T: Transport>(
         }
     };
     let mut peak = 0;
-    // The sampler runs inside this future, not as a task of its own.
+    // The sampler runs inside this future, not as a task of its own, and samples at least once.
     let sample = async {
         let deadline = tokio::time::Instant::now() + kit_timeout() * 5;
-        while seen.load(Ordering::Relaxed) < messages {
+        loop {
+            peak = peak.max(metrics.num_alive_tasks());
+            if seen.load(Ordering::Relaxed) >= messages {
+                break;
+            }
             assert!(
                 deadline > tokio::time::Instant::now(),
                 "not all {messages} envelopes delivered"
             );
-            peak = peak.max(metrics.num_alive_tasks());
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     };

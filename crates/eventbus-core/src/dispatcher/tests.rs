@@ -306,9 +306,14 @@ async fn peak_tasks(messages: usize, aggregates: usize) -> usize {
     };
     let metrics = tokio::runtime::Handle::current().metrics();
     let mut peak = 0;
+    // Samples at least once: the publisher may finish without yielding, and the workers may
+    // handle everything before the sampler is first polled.
     let sample = async {
-        while seen.load(Ordering::Relaxed) < messages {
+        loop {
             peak = peak.max(metrics.num_alive_tasks());
+            if seen.load(Ordering::Relaxed) >= messages {
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     };
