@@ -1,8 +1,7 @@
 //! [`Bus`]: the public API, the same over every transport.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use tokio::sync::watch;
@@ -10,6 +9,7 @@ use tokio::task::JoinHandle;
 
 use crate::codec::{self, Compression};
 use crate::config::{BusConfig, SubscribeOptions};
+use crate::consume::{run_fetcher, FetcherParams, SubscriptionControl, SubscriptionHandle};
 use crate::dispatcher::{Dispatcher, Route};
 use crate::envelope::{new_event_id, Envelope, EnvelopeError};
 use crate::error::{BusError, TransportError};
@@ -22,9 +22,6 @@ use crate::transport::{
     validate_topic, Capabilities, ConnectionState, Health, Subscription, SubscriptionSpec,
     Transport,
 };
-
-/// Pause after a failed fetch before the fetcher tries again.
-const FETCH_RETRY_BACKOFF: Duration = Duration::from_millis(250);
 
 /// One message to publish, with its options.
 ///
@@ -107,56 +104,6 @@ impl Publication {
     }
 }
 
-struct SubscriptionControl {
-    stop: watch::Sender<bool>,
-    done: watch::Receiver<bool>,
-    fetcher: Mutex<Option<JoinHandle<()>>>,
-}
-
-impl SubscriptionControl {
-    async fn stop_and_wait(&self) {
-        let _ = self.stop.send(true);
-        // Await the task itself, so it is gone (not just finishing) when we return; a second
-        // caller (unsubscribe racing close) waits for the done flag instead.
-        let fetcher = self.fetcher.lock().ok().and_then(|mut f| f.take());
-        match fetcher {
-            Some(task) => {
-                let _ = task.await;
-            }
-            None => {
-                let mut done = self.done.clone();
-                let _ = done.wait_for(|d| *d).await;
-            }
-        }
-    }
-}
-
-/// A live subscription. Dropping the handle keeps the subscription running until the bus
-/// closes; [`SubscriptionHandle::unsubscribe`] stops it gracefully.
-pub struct SubscriptionHandle {
-    control: Arc<SubscriptionControl>,
-    topic: String,
-    group: String,
-}
-
-impl SubscriptionHandle {
-    /// The topic.
-    pub fn topic(&self) -> &str {
-        &self.topic
-    }
-
-    /// The consumer group.
-    pub fn group(&self) -> &str {
-        &self.group
-    }
-
-    /// Stops fetching, waits for the messages already fetched to be handled and settled, and
-    /// leaves the group.
-    pub async fn unsubscribe(self) {
-        self.control.stop_and_wait().await;
-    }
-}
-
 /// Builds a [`Bus`].
 pub struct BusBuilder<T: Transport> {
     transport: T,
@@ -191,21 +138,44 @@ impl<T: Transport> BusBuilder<T> {
             self.config.publish.clone(),
             metrics.clone(),
         );
+        let (closed, _) = watch::channel(false);
         Ok(Bus {
             inner: Arc::new(BusInner {
                 transport,
                 config: self.config,
                 publisher,
                 collector: Mutex::new(Some(collector)),
-                dispatcher: Mutex::new(None),
-                subscriptions: Mutex::new(Vec::new()),
+                life: Mutex::new(Life {
+                    state: State::Running,
+                    subscriptions: Vec::new(),
+                    dispatcher: None,
+                }),
+                closed,
                 metrics,
-                closing: AtomicBool::new(false),
-                closed: AtomicBool::new(false),
                 next_route: AtomicU64::new(1),
             }),
         })
     }
+}
+
+/// Where a bus is in its life. It only moves forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Publishing and subscribing.
+    Running,
+    /// `close()` runs: nothing new is accepted.
+    Closing,
+    /// `close()` returned.
+    Closed,
+}
+
+/// The lifecycle state and what it guards: a subscription is registered, and the dispatcher
+/// started, only under this lock while the state is `Running`, so `close()` (which moves
+/// the state under the same lock) sees every subscription or none is created.
+struct Life<T: Transport> {
+    state: State,
+    subscriptions: Vec<Arc<SubscriptionControl>>,
+    dispatcher: Option<Arc<Dispatcher<T>>>,
 }
 
 struct BusInner<T: Transport> {
@@ -213,12 +183,22 @@ struct BusInner<T: Transport> {
     config: BusConfig,
     publisher: Arc<Publisher<T>>,
     collector: Mutex<Option<JoinHandle<()>>>,
-    dispatcher: Mutex<Option<Arc<Dispatcher<T>>>>,
-    subscriptions: Mutex<Vec<Arc<SubscriptionControl>>>,
+    life: Mutex<Life<T>>,
+    /// Set once `close()` finished: later callers of `close()` wait for it.
+    closed: watch::Sender<bool>,
     metrics: Arc<Metrics>,
-    closing: AtomicBool,
-    closed: AtomicBool,
     next_route: AtomicU64,
+}
+
+impl<T: Transport> BusInner<T> {
+    fn life(&self) -> MutexGuard<'_, Life<T>> {
+        // Nothing under this lock panics; a poisoned lock still holds a consistent state.
+        self.life.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn state(&self) -> State {
+        self.life().state
+    }
 }
 
 /// An event bus over transport `T`. Cheap to clone; clones share everything.
@@ -321,7 +301,7 @@ impl<T: Transport> Bus<T> {
     pub async fn send(&self, p: Publication) -> Result<String, BusError> {
         let out = self.prepare(p)?;
         let id = out.event_id.clone();
-        self.inner.publisher.submit(out, None, false).await?;
+        self.inner.publisher.submit(out, None).await?;
         Ok(id)
     }
 
@@ -329,7 +309,7 @@ impl<T: Transport> Bus<T> {
     /// stream).
     pub async fn send_and_wait(&self, p: Publication) -> Result<PublishResult, BusError> {
         let out = self.prepare(p)?;
-        self.inner.publisher.submit_and_wait(out, false).await
+        self.inner.publisher.submit_and_wait(out).await
     }
 
     fn prepare(&self, p: Publication) -> Result<OutgoingMessage, BusError> {
@@ -381,7 +361,7 @@ impl<T: Transport> Bus<T> {
     /// The stream of publish results. It can be taken once; take it before publishing to see
     /// every result. Read it steadily: when it is full, publishing waits.
     pub fn results(&self) -> Result<PublishResults, BusError> {
-        if self.inner.closed.load(Ordering::Acquire) {
+        if self.inner.state() == State::Closed {
             return Err(BusError::Closed);
         }
         self.inner
@@ -451,7 +431,7 @@ impl<T: Transport> Bus<T> {
         handler: SharedHandler,
         envelopes: bool,
     ) -> Result<SubscriptionHandle, BusError> {
-        if self.inner.closing.load(Ordering::Acquire) {
+        if self.inner.state() != State::Running {
             return Err(BusError::Closed);
         }
         validate_topic(topic)?;
@@ -469,15 +449,19 @@ impl<T: Transport> Bus<T> {
                 "the dead-letter topic must differ from the topic".into(),
             ));
         }
-        let subscription = self
+        let subscription = match self
             .inner
             .transport
             .subscribe(SubscriptionSpec {
                 topic: topic.to_string(),
                 group: group.to_string(),
             })
-            .await?;
-        let dispatcher = self.dispatcher()?;
+            .await
+        {
+            Ok(s) => s,
+            Err(TransportError::Closed) => return Err(BusError::Closed),
+            Err(e) => return Err(e.into()),
+        };
         let route = Arc::new(Route::new(
             self.inner.next_route.fetch_add(1, Ordering::Relaxed),
             topic.to_string(),
@@ -486,30 +470,40 @@ impl<T: Transport> Bus<T> {
             handler,
             envelopes,
         ));
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let (done_tx, done_rx) = watch::channel(false);
-        let control = Arc::new(SubscriptionControl {
-            stop: stop_tx,
-            done: done_rx,
-            fetcher: Mutex::new(None),
-        });
-        let task = tokio::spawn(run_fetcher::<T>(
-            subscription,
-            route,
-            dispatcher,
-            options,
-            stop_rx,
-            done_tx,
-            self.inner.metrics.clone(),
-            self.inner.config.publish.close_timeout,
-        ));
-        if let Ok(mut f) = control.fetcher.lock() {
-            *f = Some(task);
-        }
-        if let Ok(mut subs) = self.inner.subscriptions.lock() {
-            // Unsubscribed ones are done: drop them, so subscribe/unsubscribe cycles stay bounded.
-            subs.retain(|c| !*c.done.borrow());
-            subs.push(control.clone());
+        let (control, stop_rx, done_tx) = SubscriptionControl::new(route.clone());
+        // Registered under the lifecycle lock, re-checking the state after the await above:
+        // a close() that started meanwhile has taken the subscription list already.
+        let refused = {
+            let mut life = self.inner.life();
+            if life.state == State::Running {
+                let dispatcher = self.dispatcher(&mut life);
+                let task = tokio::spawn(run_fetcher::<T>(
+                    subscription,
+                    FetcherParams {
+                        route,
+                        dispatcher,
+                        options,
+                        stop: stop_rx,
+                        done: done_tx,
+                        metrics: self.inner.metrics.clone(),
+                        drain_timeout: self.inner.config.publish.close_timeout,
+                    },
+                ));
+                control.set_fetcher(task);
+                // Unsubscribed ones are done: drop them, so subscribe/unsubscribe cycles stay
+                // bounded.
+                life.subscriptions.retain(|c| !c.is_done());
+                life.subscriptions.push(control.clone());
+                None
+            } else {
+                Some(subscription)
+            }
+        };
+        if let Some(subscription) = refused {
+            if let Err(e) = subscription.close().await {
+                tracing::debug!(topic, group, error = %e, "closing a consumer refused by close()");
+            }
+            return Err(BusError::Closed);
         }
         Ok(SubscriptionHandle {
             control,
@@ -518,20 +512,20 @@ impl<T: Transport> Bus<T> {
         })
     }
 
-    fn dispatcher(&self) -> Result<Arc<Dispatcher<T>>, BusError> {
-        let mut slot = self.inner.dispatcher.lock().map_err(|_| BusError::Closed)?;
-        if let Some(d) = slot.as_ref() {
-            return Ok(d.clone());
-        }
-        // Started with the first subscription: a publish-only bus spawns no worker.
-        let d = Arc::new(Dispatcher::start(
-            &self.inner.config.dispatch,
-            self.inner.publisher.clone(),
-            self.inner.config.publish.max_message_bytes,
-            self.inner.metrics.clone(),
-        ));
-        *slot = Some(d.clone());
-        Ok(d)
+    /// The dispatcher, started with the first subscription: a publish-only bus spawns no
+    /// worker.
+    fn dispatcher(&self, life: &mut Life<T>) -> Arc<Dispatcher<T>> {
+        life.dispatcher
+            .get_or_insert_with(|| {
+                Arc::new(Dispatcher::start(
+                    &self.inner.config.dispatch,
+                    self.inner.publisher.clone(),
+                    self.inner.config.publish.max_message_bytes,
+                    self.inner.metrics.clone(),
+                    self.inner.config.publish.close_timeout,
+                ))
+            })
+            .clone()
     }
 
     /// Waits until every publish accepted before this call has its result, up to the
@@ -543,25 +537,49 @@ impl<T: Transport> Bus<T> {
             .await
     }
 
-    /// Graceful shutdown: stops the subscriptions (messages already fetched are handled and
-    /// settled), stops accepting publishes, waits for every pending ACK (each phase bounded by
-    /// the close timeout; ACKs still missing then are reported as failed), then disconnects.
+    /// Graceful shutdown, every phase bounded by the close timeout whatever the application
+    /// does (a handler that never returns, a results stream nobody reads):
+    /// 1. stops the subscriptions: no more fetches; messages fetched but not started go back
+    ///    to the broker at once (another instance gets them now); running handlers finish
+    ///    and are settled;
+    /// 2. stops the dispatcher's workers (aborted at the deadline: their messages are
+    ///    redelivered by the broker);
+    /// 3. refuses new publishes and waits for every pending ACK; ACKs still missing at the
+    ///    deadline are reported as failed, and results a lagging stream reader has no room
+    ///    for are dropped from the stream (counted in `results_dropped`; the callback sees
+    ///    every result);
+    /// 4. disconnects.
+    ///
+    /// A second call waits for the first to finish. Afterwards `publish` and `subscribe`
+    /// return [`BusError::Closed`] and no task of the bus is left running.
     pub async fn close(&self) -> Result<(), BusError> {
-        if self.inner.closing.swap(true, Ordering::AcqRel) {
+        let taken = {
+            let mut life = self.inner.life();
+            if life.state == State::Running {
+                life.state = State::Closing;
+                Some((
+                    std::mem::take(&mut life.subscriptions),
+                    life.dispatcher.take(),
+                ))
+            } else {
+                None
+            }
+        };
+        let Some((subs, dispatcher)) = taken else {
+            let mut closed = self.inner.closed.subscribe();
+            let _ = closed.wait_for(|c| *c).await;
             return Ok(());
-        }
+        };
         let deadline = self.inner.config.publish.close_timeout;
-        let subs = self
-            .inner
-            .subscriptions
-            .lock()
-            .map(|mut s| std::mem::take(&mut *s))
-            .unwrap_or_default();
         let stops = futures_util::future::join_all(subs.iter().map(|s| s.stop_and_wait()));
         if tokio::time::timeout(deadline, stops).await.is_err() {
-            tracing::warn!("subscriptions did not stop before the close deadline");
+            tracing::warn!(
+                "subscriptions did not stop before the close deadline; ending their fetchers"
+            );
+            for s in &subs {
+                s.abort().await;
+            }
         }
-        let dispatcher = self.inner.dispatcher.lock().ok().and_then(|mut d| d.take());
         if let Some(d) = dispatcher {
             d.shutdown(deadline).await;
         }
@@ -569,15 +587,27 @@ impl<T: Transport> Bus<T> {
         publisher.close_gate();
         let flushed = publisher.flush(deadline).await;
         if flushed.is_err() {
-            publisher.abandon_pending().await;
+            publisher.abandon_pending();
         }
-        publisher.shutdown_collector().await;
+        publisher.shutdown_collector();
         let collector = self.inner.collector.lock().ok().and_then(|mut c| c.take());
-        if let Some(c) = collector {
-            let _ = c.await;
+        if let Some(mut c) = collector {
+            if tokio::time::timeout(deadline, &mut c).await.is_err() {
+                tracing::warn!("publish results not delivered before the close deadline");
+                publisher.abandon_pending();
+                if tokio::time::timeout(deadline, &mut c).await.is_err() {
+                    c.abort();
+                }
+            }
         }
-        self.inner.closed.store(true, Ordering::Release);
-        let closed = self.inner.transport.close().await;
+        let closed = match tokio::time::timeout(deadline, self.inner.transport.close()).await {
+            Ok(r) => r,
+            Err(_) => Err(TransportError::Timeout(format!(
+                "the transport did not disconnect within {deadline:?}"
+            ))),
+        };
+        self.inner.life().state = State::Closed;
+        self.inner.closed.send_replace(true);
         flushed?;
         closed?;
         Ok(())
@@ -586,7 +616,7 @@ impl<T: Transport> Bus<T> {
     /// Connection state of the backend.
     pub fn health(&self) -> Health {
         let mut h = self.inner.transport.health();
-        if self.inner.closed.load(Ordering::Acquire) {
+        if self.inner.state() == State::Closed {
             h.state = ConnectionState::Closed;
         }
         h
@@ -596,22 +626,18 @@ impl<T: Transport> Bus<T> {
     pub fn metrics(&self) -> MetricsSnapshot {
         let mut m = self.inner.metrics.snapshot();
         m.in_flight_publishes = self.inner.publisher.in_flight() as u64;
-        if let Some(d) = self.inner.dispatcher.lock().ok().and_then(|d| d.clone()) {
+        let life = self.inner.life();
+        if let Some(d) = &life.dispatcher {
             m.queued_messages = d.queued() as u64;
             m.workers = d.worker_count() as u64;
         }
-        m.subscriptions = self
-            .inner
-            .subscriptions
-            .lock()
-            .map(|s| s.iter().filter(|c| !*c.done.borrow()).count() as u64)
-            .unwrap_or(0);
+        m.subscriptions = life.subscriptions.iter().filter(|c| !c.is_done()).count() as u64;
         m
     }
 
     /// True once `close()` has started.
     pub fn is_closed(&self) -> bool {
-        self.inner.closing.load(Ordering::Acquire) || self.inner.publisher.is_closed()
+        self.inner.state() != State::Running || self.inner.publisher.is_closed()
     }
 }
 
@@ -628,51 +654,4 @@ fn validate_group(group: &str) -> Result<(), BusError> {
             "consumer group {group:?} must be 1-249 characters of A-Z a-z 0-9 _ -"
         )))
     }
-}
-
-/// The one fetcher of a subscription: pulls batches and hands them to the dispatcher in
-/// order. On stop it waits for what it dispatched to be settled, then closes the consumer.
-#[allow(clippy::too_many_arguments)]
-async fn run_fetcher<T: Transport>(
-    mut subscription: T::Subscription,
-    route: Arc<Route>,
-    dispatcher: Arc<Dispatcher<T>>,
-    options: SubscribeOptions,
-    stop: watch::Receiver<bool>,
-    done: watch::Sender<bool>,
-    metrics: Arc<Metrics>,
-    drain_timeout: Duration,
-) {
-    // The fetch is never cancelled half-way (a broker may already have handed messages
-    // over); the stop flag is checked between fetches, at most `max_wait` apart.
-    while !*stop.borrow() {
-        match subscription
-            .fetch(options.batch_size, options.max_wait)
-            .await
-        {
-            Ok(batch) => {
-                for delivery in batch {
-                    Metrics::inc(&metrics.fetched);
-                    dispatcher.dispatch(delivery, &route).await;
-                }
-            }
-            Err(TransportError::Closed) => break,
-            Err(e) => {
-                Metrics::inc(&metrics.fetch_errors);
-                tracing::warn!(topic = %route.topic, group = %route.group, error = %e, "fetch failed; retrying");
-                let mut stop = stop.clone();
-                let _ = tokio::time::timeout(FETCH_RETRY_BACKOFF, stop.wait_for(|s| *s)).await;
-            }
-        }
-    }
-    if tokio::time::timeout(drain_timeout, route.wait_idle())
-        .await
-        .is_err()
-    {
-        tracing::warn!(topic = %route.topic, group = %route.group, "in-flight messages not settled before the drain deadline");
-    }
-    if let Err(e) = subscription.close().await {
-        tracing::warn!(topic = %route.topic, group = %route.group, error = %e, "closing the consumer failed");
-    }
-    let _ = done.send(true);
 }

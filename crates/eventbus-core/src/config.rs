@@ -22,11 +22,12 @@ pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_BATCH_SIZE: usize = 500;
 /// Longest wait of one pull (seed fix 3).
 pub const DEFAULT_MAX_WAIT: Duration = Duration::from_millis(100);
-/// Keyed workers: enough that a slow aggregate rarely shares a worker with a busy one,
-/// few enough that an idle bus costs nothing noticeable.
+/// Keyed workers: how many aggregates are handled at the same time. A slow or blocked
+/// aggregate holds one of them and stalls no other aggregate.
 pub const DEFAULT_KEYED_WORKERS: usize = 32;
-/// Queue depth of each keyed worker.
-pub const DEFAULT_KEYED_QUEUE: usize = 256;
+/// Messages with an aggregate id buffered (or being handled) at most, over all aggregates:
+/// the dispatcher's read-ahead. A full buffer stops the fetchers.
+pub const DEFAULT_KEYED_BUFFER: usize = 8_192;
 /// Global-pool queue slots per global worker (seed: `workerCount × 100`).
 pub const GLOBAL_QUEUE_PER_WORKER: usize = 100;
 /// Event ids remembered per worker to drop redelivered duplicates.
@@ -124,11 +125,12 @@ impl PublishConfig {
 /// The shared dispatcher: keyed pool, global pool, retries, dead letters.
 #[derive(Debug, Clone)]
 pub struct DispatchConfig {
-    /// Keyed workers `K`: a message with aggregate id `a` goes to worker `hash(a) % K`
-    /// (default 32).
+    /// Keyed workers `K`: each takes the next message of any aggregate no other worker is
+    /// on, so up to `K` aggregates are handled at once, each strictly in order (default 32).
     pub keyed_workers: usize,
-    /// Queue depth of each keyed worker (default 256).
-    pub keyed_queue: usize,
+    /// Messages with an aggregate id buffered or being handled at most, all aggregates
+    /// together (default 8,192). A full buffer stops the fetchers (backpressure).
+    pub keyed_buffer: usize,
     /// Workers of the global pool for messages without an aggregate id (default 2 × cores).
     pub global_workers: usize,
     /// Queue depth of the global pool (default `global_workers × 100`).
@@ -151,7 +153,7 @@ impl Default for DispatchConfig {
         let global_workers = 2 * cores;
         Self {
             keyed_workers: DEFAULT_KEYED_WORKERS,
-            keyed_queue: DEFAULT_KEYED_QUEUE,
+            keyed_buffer: DEFAULT_KEYED_BUFFER,
             global_workers,
             global_queue: global_workers * GLOBAL_QUEUE_PER_WORKER,
             retry: RetryPolicy::default(),
@@ -276,7 +278,7 @@ impl BusConfig {
             (self.publish.results_capacity, "publish.results_capacity"),
             (self.publish.max_message_bytes, "publish.max_message_bytes"),
             (self.dispatch.keyed_workers, "dispatch.keyed_workers"),
-            (self.dispatch.keyed_queue, "dispatch.keyed_queue"),
+            (self.dispatch.keyed_buffer, "dispatch.keyed_buffer"),
             (self.dispatch.global_workers, "dispatch.global_workers"),
             (self.dispatch.global_queue, "dispatch.global_queue"),
             (self.subscribe.batch_size, "subscribe.batch_size"),

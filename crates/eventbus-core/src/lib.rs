@@ -22,6 +22,7 @@
 mod bus;
 pub mod codec;
 mod config;
+mod consume;
 mod dispatcher;
 mod envelope;
 mod error;
@@ -36,12 +37,13 @@ mod secret;
 pub mod testkit;
 mod transport;
 
-pub use bus::{Bus, BusBuilder, Publication, SubscriptionHandle};
+pub use bus::{Bus, BusBuilder, Publication};
 pub use codec::{CodecError, Compression};
 pub use config::{
     BusConfig, DispatchConfig, PublishConfig, RetryPolicy, SubscribeOptions, DEFAULT_BATCH_SIZE,
     DEFAULT_IN_FLIGHT_WINDOW, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_WAIT,
 };
+pub use consume::SubscriptionHandle;
 pub use envelope::{new_event_id, Envelope, EnvelopeError};
 pub use error::{BusError, HandlerError, TransportError};
 pub use handler::{EnvelopeHandler, Handler};

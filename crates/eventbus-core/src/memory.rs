@@ -531,6 +531,9 @@ impl Transport for MemoryTransport {
         &self,
         spec: SubscriptionSpec,
     ) -> Result<Self::Subscription, TransportError> {
+        // A broker's subscribe is a round trip: yield like one, so callers meet the same
+        // interleavings (a close racing the subscribe) on every backend.
+        tokio::task::yield_now().await;
         if self.closed.load(Ordering::Acquire) {
             return Err(TransportError::Closed);
         }

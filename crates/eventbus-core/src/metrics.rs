@@ -44,6 +44,9 @@ counters! {
     publish_failed,
     /// Publishes the broker reported as duplicates of an earlier `event_id`.
     publish_duplicates,
+    /// Publish results dropped from the results stream because its reader did not take them
+    /// before the close deadline (the callback saw them).
+    results_dropped,
     /// Messages the fetchers handed to the dispatcher.
     fetched,
     /// Messages whose handler succeeded.

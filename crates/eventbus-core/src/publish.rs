@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::config::PublishConfig;
 use crate::error::{BusError, TransportError};
@@ -59,7 +59,9 @@ impl std::fmt::Debug for ResultCallback {
 }
 
 /// The stream of publish results, from [`crate::Bus::results`]. Bounded: a reader that falls
-/// behind slows publishing down; results are never dropped.
+/// behind slows publishing down. Results are dropped from the stream only when `close()`
+/// reaches its deadline with the reader still behind (counted in `results_dropped`; the
+/// callback has seen every one).
 #[derive(Debug)]
 pub struct PublishResults {
     rx: mpsc::Receiver<PublishResult>,
@@ -108,11 +110,15 @@ where
     }
 }
 
-enum Control {
-    /// Report everything still pending as failed (close deadline passed).
-    Abandon,
+/// What the collector does besides collecting; moves forward only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Mode {
+    Running,
     /// Accept nothing more; report what is pending, then end.
     Shutdown,
+    /// The close deadline passed: report everything still pending as failed, and drop
+    /// results the stream's reader has no room for; then end.
+    Abandon,
 }
 
 /// Where results go.
@@ -120,10 +126,11 @@ struct Sinks {
     callback: Option<ResultCallback>,
     stream: Arc<Mutex<Option<mpsc::Sender<PublishResult>>>>,
     metrics: Arc<Metrics>,
+    mode: watch::Receiver<Mode>,
 }
 
 impl Sinks {
-    async fn report(&self, meta: Meta, outcome: Result<Receipt, TransportError>) {
+    async fn report(&mut self, meta: Meta, outcome: Result<Receipt, TransportError>) {
         match &outcome {
             Ok(r) => {
                 Metrics::inc(&self.metrics.publish_acked);
@@ -161,8 +168,19 @@ impl Sinks {
             let _ = waiter.send(result.clone());
         }
         if let Some(tx) = stream {
-            // Backpressure, not loss: wait for the reader. A dropped reader just stops it.
-            let _ = tx.send(result).await;
+            match tx.try_send(result) {
+                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(mpsc::error::TrySendError::Full(result)) => {
+                    // Backpressure, not loss: wait for the reader, until close() gives up.
+                    tokio::select! {
+                        biased;
+                        _ = tx.send(result) => {}
+                        _ = self.mode.wait_for(|m| *m == Mode::Abandon) => {
+                            Metrics::inc(&self.metrics.results_dropped);
+                        }
+                    }
+                }
+            }
         }
         // The permit is released here, after every sink has the result.
         drop(_permit);
@@ -175,7 +193,7 @@ pub(crate) struct Publisher<T: Transport> {
     window: Arc<Semaphore>,
     window_size: usize,
     pending_tx: mpsc::Sender<PendingAck<T::Ack>>,
-    control_tx: mpsc::Sender<Control>,
+    mode: watch::Sender<Mode>,
     stream: Arc<Mutex<Option<mpsc::Sender<PublishResult>>>>,
     stream_taken: AtomicBool,
     closed: AtomicBool,
@@ -193,20 +211,21 @@ impl<T: Transport> Publisher<T> {
         let callback = config.on_result.clone();
         let window_size = config.in_flight_window;
         let (pending_tx, pending_rx) = mpsc::channel(window_size);
-        let (control_tx, control_rx) = mpsc::channel(1);
+        let (mode, mode_rx) = watch::channel(Mode::Running);
         let stream = Arc::new(Mutex::new(None));
         let sinks = Sinks {
             callback,
             stream: stream.clone(),
             metrics: metrics.clone(),
+            mode: mode_rx.clone(),
         };
-        let task = tokio::spawn(collect_acks::<T>(pending_rx, control_rx, sinks));
+        let task = tokio::spawn(collect_acks::<T>(pending_rx, mode_rx, sinks));
         let publisher = Arc::new(Self {
             transport,
             window: Arc::new(Semaphore::new(window_size)),
             window_size,
             pending_tx,
-            control_tx,
+            mode,
             stream,
             stream_taken: AtomicBool::new(false),
             closed: AtomicBool::new(false),
@@ -220,15 +239,13 @@ impl<T: Transport> Publisher<T> {
         &self.config
     }
 
-    /// Hands `msg` to the transport once the window has room. `internal` publishes (dead
-    /// letters) are still accepted while the bus drains after `close()` started.
+    /// Hands `msg` to the transport once the window has room.
     pub(crate) async fn submit(
         &self,
         msg: OutgoingMessage,
         waiter: Option<oneshot::Sender<PublishResult>>,
-        internal: bool,
     ) -> Result<(), BusError> {
-        if !internal && self.closed.load(Ordering::Acquire) {
+        if self.closed.load(Ordering::Acquire) {
             return Err(BusError::Closed);
         }
         let permit = self
@@ -238,7 +255,7 @@ impl<T: Transport> Publisher<T> {
             .await
             .map_err(|_| BusError::Closed)?;
         // Checked again: a publish that got its permit after close() flushed must not slip in.
-        if !internal && self.closed.load(Ordering::Acquire) {
+        if self.closed.load(Ordering::Acquire) {
             return Err(BusError::Closed);
         }
         let meta = Meta {
@@ -263,11 +280,29 @@ impl<T: Transport> Publisher<T> {
     pub(crate) async fn submit_and_wait(
         &self,
         msg: OutgoingMessage,
-        internal: bool,
     ) -> Result<PublishResult, BusError> {
         let (tx, rx) = oneshot::channel();
-        self.submit(msg, Some(tx), internal).await?;
+        self.submit(msg, Some(tx)).await?;
         rx.await.map_err(|_| BusError::Closed)
+    }
+
+    /// The bus's own publishes (dead letters): straight to the transport and awaited here,
+    /// outside the window and the application's results, so an unread results stream or a
+    /// full window cannot stall them and they never show up as the application's results.
+    /// Accepted while the bus drains after `close()` started.
+    pub(crate) async fn publish_internal(
+        &self,
+        msg: OutgoingMessage,
+        timeout: Duration,
+    ) -> Result<Receipt, TransportError> {
+        let topic = msg.topic.clone();
+        let sent = async { self.transport.send(msg).await?.await };
+        match tokio::time::timeout(timeout, sent).await {
+            Ok(r) => r,
+            Err(_) => Err(TransportError::Timeout(format!(
+                "no broker ACK for a publish to {topic} within {timeout:?}"
+            ))),
+        }
     }
 
     pub(crate) fn take_results(&self, capacity: usize) -> Result<PublishResults, BusError> {
@@ -304,14 +339,25 @@ impl<T: Transport> Publisher<T> {
         self.closed.store(true, Ordering::Release);
     }
 
-    /// Gives up on pending ACKs: each is reported as failed.
-    pub(crate) async fn abandon_pending(&self) {
-        let _ = self.control_tx.send(Control::Abandon).await;
+    /// Gives up on pending ACKs (each is reported as failed) and on a stream reader that is
+    /// behind (results it has no room for are dropped and counted); the collector then ends.
+    pub(crate) fn abandon_pending(&self) {
+        self.mode.send_if_modified(|m| {
+            let changed = *m < Mode::Abandon;
+            *m = Mode::Abandon;
+            changed
+        });
     }
 
     /// Ends the collector once every pending ACK is reported.
-    pub(crate) async fn shutdown_collector(&self) {
-        let _ = self.control_tx.send(Control::Shutdown).await;
+    pub(crate) fn shutdown_collector(&self) {
+        self.mode.send_if_modified(|m| {
+            let changed = *m < Mode::Shutdown;
+            if changed {
+                *m = Mode::Shutdown;
+            }
+            changed
+        });
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -320,23 +366,35 @@ impl<T: Transport> Publisher<T> {
 }
 
 /// The one ACK collector of a bus: awaits every handed-over message's ACK in a single task
-/// (no task per message) and reports each exactly once. Ends when the publisher is dropped.
+/// (no task per message) and reports each exactly once. Ends after shutdown once nothing is
+/// pending, or when the publisher is dropped.
 async fn collect_acks<T: Transport>(
     mut pending_rx: mpsc::Receiver<PendingAck<T::Ack>>,
-    mut control_rx: mpsc::Receiver<Control>,
-    sinks: Sinks,
+    mut mode: watch::Receiver<Mode>,
+    mut sinks: Sinks,
 ) {
     let mut pending: FuturesUnordered<PendingAck<T::Ack>> = FuturesUnordered::new();
     let mut open = true;
-    let mut control_open = true;
+    let mut mode_open = true;
+    let mut abandoned = false;
     while open || !pending.is_empty() {
         tokio::select! {
             biased;
             Some((meta, outcome)) = pending.next(), if !pending.is_empty() => {
                 sinks.report(meta, outcome).await;
             }
-            ctl = control_rx.recv(), if control_open => match ctl {
-                Some(Control::Abandon) => {
+            changed = mode.changed(), if mode_open => {
+                if changed.is_err() {
+                    mode_open = false;
+                    continue;
+                }
+                let now = *mode.borrow_and_update();
+                if now >= Mode::Shutdown {
+                    // Buffered messages are still received; then `recv` yields None.
+                    pending_rx.close();
+                }
+                if now == Mode::Abandon && !abandoned {
+                    abandoned = true;
                     while let Ok(p) = pending_rx.try_recv() {
                         pending.push(p);
                     }
@@ -349,10 +407,7 @@ async fn collect_acks<T: Transport>(
                         }
                     }
                 }
-                // Buffered messages are still received; then `recv` yields None.
-                Some(Control::Shutdown) => pending_rx.close(),
-                None => control_open = false,
-            },
+            }
             next = pending_rx.recv(), if open => match next {
                 Some(p) => pending.push(p),
                 None => open = false,

@@ -33,6 +33,8 @@ pub const CASES: &[&str] = &[
     "headers_round_trip",
     "per_aggregate_order",
     "global_pool_delivery",
+    "blocked_aggregate_stalls_no_other",
+    "retrying_aggregate_keeps_order_others_flow",
     "retry_then_success",
     "panic_is_an_error",
     "dead_letter_after_attempts",
@@ -43,6 +45,8 @@ pub const CASES: &[&str] = &[
     "one_result_per_publish",
     "dedup_by_event_id",
     "close_while_publishing_loses_nothing",
+    "close_bounded_with_unread_results",
+    "subscribe_racing_close_leaves_nothing",
     "compression_round_trip",
     "mixed_compressed_and_plain",
     "malformed_input_dead_letter",
@@ -355,6 +359,119 @@ pub async fn per_aggregate_order<B: Backend>(b: &B) {
             "{agg}"
         );
     }
+    bus.close().await.expect("close");
+}
+
+/// Aggregates in a blocked case: with the kit's 8 keyed workers a hash-to-worker dispatcher
+/// puts about 25 of them behind the blocked one.
+const HOL_AGGS: usize = 200;
+const HOL_VERSIONS: i64 = 3;
+
+async fn publish_hol_load<T: Transport>(bus: &Bus<T>, topic: &str) {
+    for v in 1..=HOL_VERSIONS {
+        for a in 0..HOL_AGGS {
+            bus.publish_envelope(topic, &env(&format!("agg-{a}"), v))
+                .await
+                .expect("publish");
+        }
+    }
+}
+
+fn others_done(items: &[Envelope]) -> bool {
+    let others = (HOL_AGGS - 1) * HOL_VERSIONS as usize;
+    items.iter().filter(|e| e.aggregate_id != "agg-0").count() >= others
+}
+
+/// A handler blocked on one aggregate's first event holds that aggregate only: every other
+/// aggregate's events are handled while it is blocked, and the blocked aggregate's later
+/// events wait for it (key-ordered scheduling, not hash-to-worker queues).
+pub async fn blocked_aggregate_stalls_no_other<B: Backend>(b: &B) {
+    let bus = connect(b, kit_config()).await;
+    let topic = unique("blocked");
+    let group = unique("group");
+    let rec: Recorder<Envelope> = Recorder::default();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (r, g) = (rec.clone(), gate.clone());
+    bus.subscribe_envelope(&topic, &group, move |e: Envelope| {
+        let (r, g) = (r.clone(), g.clone());
+        async move {
+            if e.aggregate_id == "agg-0" && e.event_version == 1 {
+                // Blocks until the case opens the gate.
+                let _permit = g.acquire().await;
+            }
+            r.push(e);
+            Ok(())
+        }
+    })
+    .await
+    .expect("subscribe");
+    publish_hol_load(&bus, &topic).await;
+    let got = rec
+        .wait_until("every other aggregate while agg-0 is blocked", others_done)
+        .await;
+    assert!(
+        versions_of(&got, "agg-0").is_empty(),
+        "agg-0's later events overtook its blocked first event"
+    );
+    gate.add_permits(1);
+    let got = rec
+        .wait_until("agg-0 after the gate opened", |items| {
+            versions_of(items, "agg-0").len() == HOL_VERSIONS as usize
+        })
+        .await;
+    assert_eq!(versions_of(&got, "agg-0"), vec![1, 2, 3]);
+    assert_eq!(ordering_violations(&got), 0);
+    bus.close().await.expect("close");
+}
+
+/// An aggregate whose handler keeps failing is retried in place: its later events wait, and
+/// every other aggregate flows meanwhile; once the handler succeeds the aggregate finishes in
+/// order.
+pub async fn retrying_aggregate_keeps_order_others_flow<B: Backend>(b: &B) {
+    let cfg = kit_config().with_retry(RetryPolicy {
+        max_attempts: 100_000,
+        initial_backoff: Duration::from_millis(5),
+        max_backoff: Duration::from_millis(20),
+        multiplier: 2.0,
+    });
+    let bus = connect(b, cfg).await;
+    let topic = unique("retrying");
+    let group = unique("group");
+    let rec: Recorder<Envelope> = Recorder::default();
+    let healed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let (r, h, f) = (rec.clone(), healed.clone(), failures.clone());
+    bus.subscribe_envelope(&topic, &group, move |e: Envelope| {
+        let (r, h, f) = (r.clone(), h.clone(), f.clone());
+        async move {
+            if e.aggregate_id == "agg-0" && e.event_version == 1 && !h.load(Ordering::SeqCst) {
+                f.fetch_add(1, Ordering::SeqCst);
+                return Err(HandlerError::retryable("downstream unavailable"));
+            }
+            r.push(e);
+            Ok(())
+        }
+    })
+    .await
+    .expect("subscribe");
+    publish_hol_load(&bus, &topic).await;
+    let got = rec
+        .wait_until("every other aggregate while agg-0 retries", others_done)
+        .await;
+    assert!(
+        versions_of(&got, "agg-0").is_empty(),
+        "agg-0 overtook its retrying event"
+    );
+    assert!(failures.load(Ordering::SeqCst) >= 1);
+    healed.store(true, Ordering::SeqCst);
+    let got = rec
+        .wait_until("agg-0 after it healed", |items| {
+            versions_of(items, "agg-0").len() == HOL_VERSIONS as usize
+        })
+        .await;
+    assert_eq!(versions_of(&got, "agg-0"), vec![1, 2, 3]);
+    assert_eq!(ordering_violations(&got), 0);
+    assert_eq!(bus.metrics().dead_lettered, 0);
     bus.close().await.expect("close");
 }
 
@@ -865,6 +982,112 @@ pub async fn close_while_publishing_loses_nothing<B: Backend>(b: &B) {
     reader.close().await.expect("close");
 }
 
+/// `close()` is bounded by the close timeout even when the application took the results
+/// stream and never reads it: results that cannot be delivered in time are dropped from the
+/// stream (counted in `results_dropped`), the callback still sees every one.
+pub async fn close_bounded_with_unread_results<B: Backend>(b: &B) {
+    const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+    let topic = unique("unread");
+    let callback_seen = Arc::new(Mutex::new(HashMap::<String, usize>::new()));
+    let cs = callback_seen.clone();
+    let mut cfg = kit_config()
+        .with_close_timeout(CLOSE_TIMEOUT)
+        .with_result_callback(move |r: &PublishResult| {
+            *cs.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(r.event_id.clone())
+                .or_insert(0) += 1;
+        });
+    cfg.publish.results_capacity = 100;
+    cfg.publish.in_flight_window = 100;
+    let bus = connect(b, cfg).await;
+    let stream = bus.results().expect("results");
+    let accepted = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (pb, acc, t) = (bus.clone(), accepted.clone(), topic.clone());
+    let publisher = tokio::spawn(async move {
+        for v in 1..=1_000i64 {
+            match pb.publish_envelope(&t, &env("agg-u", v)).await {
+                Ok(id) => acc.lock().unwrap_or_else(|e| e.into_inner()).push(id),
+                Err(BusError::Closed) => return,
+                Err(e) => panic!("unexpected publish error {e}"),
+            }
+        }
+    });
+    // The stream (100) and the window (100) fill up; publishing then waits on the reader.
+    let deadline = tokio::time::Instant::now() + kit_timeout();
+    while accepted.lock().unwrap_or_else(|e| e.into_inner()).len() < 150 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "publishing never got going"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Four phases (subscriptions, dispatcher, flush, collector) each bounded by the timeout.
+    let bound = CLOSE_TIMEOUT * 4 + Duration::from_secs(10);
+    let closed = tokio::time::timeout(bound, bus.close()).await;
+    assert!(closed.is_ok(), "close() did not return within {bound:?}");
+    publisher.await.expect("publisher task");
+    let accepted = accepted.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let seen = callback_seen
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    for id in &accepted {
+        assert_eq!(seen.get(id), Some(&1), "callback missed or repeated {id}");
+    }
+    let mut stream = stream;
+    let mut streamed = 0;
+    while let Some(_r) = stream.recv().await {
+        streamed += 1;
+    }
+    let m = bus.metrics();
+    assert!(m.results_dropped > 0, "{m:?}");
+    assert_eq!(streamed + m.results_dropped as usize, accepted.len());
+}
+
+/// `subscribe` racing `close`: either the subscription is refused with `Closed` or it is
+/// stopped by the close; in both cases nothing the bus spawned is alive once `close` returns.
+pub async fn subscribe_racing_close_leaves_nothing<B: Backend>(b: &B) {
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let topic = unique("race");
+    for round in 0..50 {
+        let baseline = metrics.num_alive_tasks();
+        let bus = connect(b, kit_config()).await;
+        let handled = Arc::new(AtomicUsize::new(0));
+        let h = handled.clone();
+        let handler = move |_m: Message| {
+            h.fetch_add(1, Ordering::SeqCst);
+            futures_util::future::ready(Ok::<(), HandlerError>(()))
+        };
+        // Both on tasks of their own, so they truly run at the same time on two threads.
+        let (b1, b2, t, g) = (bus.clone(), bus.clone(), topic.clone(), unique("g"));
+        let sub = tokio::spawn(async move { b1.subscribe(&t, &g, handler).await.map(drop) });
+        let closed = tokio::spawn(async move { b2.close().await });
+        closed.await.expect("close task").expect("close");
+        match sub.await.expect("subscribe task") {
+            Ok(()) | Err(BusError::Closed) => {}
+            Err(e) => panic!("round {round}: unexpected subscribe error {e}"),
+        }
+        assert!(matches!(
+            bus.subscribe(&topic, "late", |_m: Message| async { Ok(()) })
+                .await,
+            Err(BusError::Closed)
+        ));
+        drop(bus);
+        // Tasks wind down asynchronously only if something was left running: allow the
+        // runtime a bounded moment, then insist.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while metrics.num_alive_tasks() > baseline && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            metrics.num_alive_tasks(),
+            baseline,
+            "round {round}: tasks still alive after close() returned"
+        );
+    }
+}
+
 fn varied_json(n: usize) -> Bytes {
     let rows: Vec<serde_json::Value> = (0..n)
         .map(|i| json!({"sku": format!("SKU-{:05}", i * 7919 % 10007), "qty": i % 13, "price": (i * 37 % 1000) as f64 / 10.0, "tags": ["a", "b"]}))
@@ -1010,10 +1233,12 @@ macro_rules! conformance_tests {
     ($make:path) => {
         $crate::conformance_tests!(@cases $make;
             round_trip, headers_round_trip, per_aggregate_order, global_pool_delivery,
+            blocked_aggregate_stalls_no_other, retrying_aggregate_keeps_order_others_flow,
             retry_then_success, panic_is_an_error, dead_letter_after_attempts,
             consumer_group_shares_work, independent_groups, new_subscriber_receives_stored,
             resume_after_restart, one_result_per_publish, dedup_by_event_id,
-            close_while_publishing_loses_nothing, compression_round_trip,
+            close_while_publishing_loses_nothing, close_bounded_with_unread_results,
+            subscribe_racing_close_leaves_nothing, compression_round_trip,
             mixed_compressed_and_plain, malformed_input_dead_letter, bad_input_is_rejected);
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {

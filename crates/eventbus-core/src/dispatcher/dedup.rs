@@ -1,7 +1,8 @@
 //! A bounded set of recently handled event ids, to skip redelivered duplicates.
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::Arc;
+use std::hash::{BuildHasher, Hash};
+use std::sync::{Arc, Mutex};
 
 /// An event id as seen by one subscription: workers are shared by every subscription of a
 /// bus, and each group must get its own copy of an event.
@@ -63,6 +64,48 @@ impl DedupSet {
     }
 }
 
+/// Shards of a shared dedup window: any worker may handle any aggregate, so every worker
+/// sees the same set; sharding by event id keeps the lock per message short and rarely
+/// contended.
+pub(crate) struct SharedDedup {
+    shards: Box<[Mutex<DedupSet>]>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl SharedDedup {
+    /// Remembers about `capacity` ids in all, over `shards` shards.
+    pub(crate) fn new(capacity: usize, shards: usize) -> Self {
+        let shards = shards.max(1);
+        let per_shard = capacity.div_ceil(shards);
+        Self {
+            shards: (0..shards)
+                .map(|_| Mutex::new(DedupSet::new(per_shard)))
+                .collect(),
+            hasher: Default::default(),
+        }
+    }
+
+    fn shard(&self, key: &DedupKey) -> &Mutex<DedupSet> {
+        let mut h = self.hasher.build_hasher();
+        key.hash(&mut h);
+        let i = (std::hash::Hasher::finish(&h) % self.shards.len() as u64) as usize;
+        &self.shards[i]
+    }
+
+    pub(crate) fn contains(&self, key: &DedupKey) -> bool {
+        self.shard(key)
+            .lock()
+            .map(|s| s.contains(key))
+            .unwrap_or(false)
+    }
+
+    pub(crate) fn insert(&self, key: DedupKey) {
+        if let Ok(mut s) = self.shard(&key).lock() {
+            s.insert(key);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,6 +129,16 @@ mod tests {
             !s.contains(&DedupKey::new(2, "another")),
             "keys are per subscription"
         );
+    }
+
+    #[test]
+    fn shared_set_is_seen_by_everyone() {
+        let s = SharedDedup::new(64, 8);
+        let k = DedupKey::new(1, "id-1");
+        assert!(!s.contains(&k));
+        s.insert(k.clone());
+        assert!(s.contains(&k));
+        assert!(!s.contains(&DedupKey::new(2, "id-1")));
     }
 
     #[test]

@@ -1,17 +1,21 @@
 //! The shared dispatcher: every backend's fetchers hand deliveries to it.
 //!
-//! - A message with an aggregate id goes to keyed worker `hash(id) % K`. Each keyed worker has
-//!   a bounded queue and handles its messages one at a time, so one aggregate's messages are
-//!   handled strictly in the order they were fetched.
+//! - A message with an aggregate id joins that aggregate's lane in the key-ordered
+//!   [`scheduler`]: one bounded buffer of per-aggregate FIFO lanes served by `K` keyed
+//!   workers, each taking the next message of any aggregate no other worker is on. One
+//!   aggregate's messages are handled strictly in the order they were fetched; a slow,
+//!   retrying or blocked aggregate holds one worker and stalls no other aggregate.
 //! - A message without one goes to the global pool: `G` workers sharing one bounded queue.
-//! - Full queues make `dispatch` wait, which stops the fetcher: backpressure reaches the broker.
+//! - A full buffer makes `dispatch` wait, which stops the fetcher: backpressure reaches the
+//!   broker.
 //! - The number of tasks is `K + G`, set by configuration, whatever the traffic.
 
 mod dedup;
+mod scheduler;
 mod worker;
 
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,14 +31,23 @@ use crate::metrics::Metrics;
 use crate::publish::Publisher;
 use crate::transport::{Delivery, Subscription, Transport};
 
-pub(crate) use dedup::DedupSet;
-use worker::{Dedup, WorkerContext};
+use dedup::SharedDedup;
+use scheduler::KeyedScheduler;
+use worker::WorkerContext;
 
 pub(crate) type DeliveryOf<T> = <<T as Transport>::Subscription as Subscription>::Delivery;
 
+/// Where a subscription is in its life, as its workers see it.
+const ROUTE_RUNNING: u8 = 0;
+/// Stopping (unsubscribe or close): messages not yet started are handed back to the broker.
+const ROUTE_STOPPING: u8 = 1;
+/// Stopped by a failure that would otherwise break order (a dead letter that could not be
+/// stored): nothing more is handled; everything not settled goes back to the broker.
+const ROUTE_FAILED: u8 = 2;
+
 /// One subscription's routing data, shared by its jobs.
 pub(crate) struct Route {
-    /// Unique within the bus: keys the workers' dedup sets.
+    /// Unique within the bus: keys the dedup set and the scheduler's lanes.
     pub(crate) id: u64,
     pub(crate) topic: String,
     pub(crate) group: String,
@@ -44,6 +57,10 @@ pub(crate) struct Route {
     pub(crate) envelopes: bool,
     in_flight: AtomicUsize,
     idle: Notify,
+    state: AtomicU8,
+    failure: Mutex<Option<String>>,
+    /// Wakes the fetcher when the route fails.
+    pub(crate) failed: Notify,
 }
 
 impl Route {
@@ -64,6 +81,9 @@ impl Route {
             envelopes,
             in_flight: AtomicUsize::new(0),
             idle: Notify::new(),
+            state: AtomicU8::new(ROUTE_RUNNING),
+            failure: Mutex::new(None),
+            failed: Notify::new(),
         }
     }
 
@@ -75,6 +95,35 @@ impl Route {
         if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.idle.notify_waiters();
         }
+    }
+
+    /// Messages not yet started are handed back to the broker from now on.
+    pub(crate) fn stop(&self) {
+        let _ = self.state.compare_exchange(
+            ROUTE_RUNNING,
+            ROUTE_STOPPING,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
+    /// Stops the subscription for good with `reason`.
+    pub(crate) fn fail(&self, reason: String) {
+        if let Ok(mut f) = self.failure.lock() {
+            f.get_or_insert(reason);
+        }
+        self.state.store(ROUTE_FAILED, Ordering::Release);
+        self.failed.notify_waiters();
+    }
+
+    /// Handlers may run.
+    pub(crate) fn is_running(&self) -> bool {
+        self.state.load(Ordering::Acquire) == ROUTE_RUNNING
+    }
+
+    /// Why the subscription failed, if it did.
+    pub(crate) fn failure(&self) -> Option<String> {
+        self.failure.lock().ok().and_then(|f| f.clone())
     }
 
     /// Waits until every message this subscription dispatched has been settled.
@@ -124,7 +173,7 @@ pub(crate) fn stable_hash(bytes: &[u8]) -> u64 {
 
 /// The keyed and global worker pools of one bus.
 pub(crate) struct Dispatcher<T: Transport> {
-    keyed: Vec<async_channel::Sender<Job<DeliveryOf<T>>>>,
+    keyed: Arc<KeyedScheduler<Job<DeliveryOf<T>>>>,
     global: async_channel::Sender<Job<DeliveryOf<T>>>,
     workers: Mutex<Vec<JoinHandle<()>>>,
     worker_count: usize,
@@ -138,40 +187,45 @@ impl<T: Transport> Dispatcher<T> {
         publisher: Arc<Publisher<T>>,
         max_message_bytes: usize,
         metrics: Arc<Metrics>,
+        dead_letter_timeout: Duration,
     ) -> Self {
+        let workers = config.keyed_workers + config.global_workers;
         let ctx = Arc::new(WorkerContext {
             publisher,
             retry: config.retry.clone(),
             progress_interval: config.progress_interval.max(Duration::from_millis(10)),
             max_message_bytes,
-            dedup_enabled: config.dedup_window > 0,
+            dedup: (config.dedup_window > 0).then(|| {
+                SharedDedup::new(config.dedup_window.saturating_mul(workers), workers.max(1))
+            }),
             metrics,
+            dead_letter_timeout,
         });
-        let mut handles = Vec::with_capacity(config.keyed_workers + config.global_workers);
-        let mut keyed = Vec::with_capacity(config.keyed_workers);
+        let mut handles = Vec::with_capacity(workers);
+        let keyed = Arc::new(KeyedScheduler::new(config.keyed_buffer));
         for _ in 0..config.keyed_workers {
-            let (tx, rx) = async_channel::bounded::<Job<DeliveryOf<T>>>(config.keyed_queue);
-            keyed.push(tx);
             let ctx = ctx.clone();
-            let window = config.dedup_window;
+            let sched = keyed.clone();
             handles.push(tokio::spawn(async move {
-                let mut seen = DedupSet::new(window);
-                while let Ok(job) = rx.recv().await {
-                    ctx.process(job, Dedup::Local(&mut seen)).await;
+                while let Some((mut lane, mut job)) = sched.next().await {
+                    // A busy scheduler hands over the next job under the same lock.
+                    loop {
+                        ctx.process(job).await;
+                        match sched.finish_and_take(lane) {
+                            Some((l, j)) => (lane, job) = (l, j),
+                            None => break,
+                        }
+                    }
                 }
             }));
         }
         let (global, global_rx) = async_channel::bounded::<Job<DeliveryOf<T>>>(config.global_queue);
-        let shared_seen = Arc::new(Mutex::new(DedupSet::new(
-            config.dedup_window.saturating_mul(config.global_workers),
-        )));
         for _ in 0..config.global_workers {
             let rx = global_rx.clone();
             let ctx = ctx.clone();
-            let seen = shared_seen.clone();
             handles.push(tokio::spawn(async move {
                 while let Ok(job) = rx.recv().await {
-                    ctx.process(job, Dedup::Shared(&seen)).await;
+                    ctx.process(job).await;
                 }
             }));
         }
@@ -184,20 +238,20 @@ impl<T: Transport> Dispatcher<T> {
         }
     }
 
-    /// Queues one delivery; waits while the target queue is full.
+    /// Queues one delivery; waits while the buffer is full.
     pub(crate) async fn dispatch(&self, delivery: DeliveryOf<T>, route: &Arc<Route>) {
         route.started();
-        let target = routing_key(delivery.message(), route.envelopes)
-            .map(|k| (stable_hash(&k) % self.keyed.len() as u64) as usize);
+        let lane = routing_key(delivery.message(), route.envelopes)
+            .map(|k| self.keyed.key_of(route.id, &k));
         let job = Job {
             delivery,
             route: route.clone(),
         };
-        let sent = match target {
-            Some(i) => self.keyed[i].send(job).await,
-            None => self.global.send(job).await,
+        let refused = match lane {
+            Some(lane) => self.keyed.push(lane, job).await.err(),
+            None => self.global.send(job).await.err().map(|e| e.0),
         };
-        if let Err(async_channel::SendError(job)) = sent {
+        if let Some(job) = refused {
             // The pools are shut down (the bus is closing): hand the message back.
             let _ = job.delivery.nak(Duration::ZERO).await;
             job.route.finished();
@@ -205,19 +259,19 @@ impl<T: Transport> Dispatcher<T> {
     }
 
     pub(crate) fn queued(&self) -> usize {
-        self.keyed.iter().map(|q| q.len()).sum::<usize>() + self.global.len()
+        self.keyed.queued() + self.global.len()
     }
 
     pub(crate) fn worker_count(&self) -> usize {
         self.worker_count
     }
 
-    /// Lets the workers finish what is queued, then stops them. Workers still busy at the
-    /// deadline are aborted; their deliveries are dropped unsettled, so the broker redelivers.
+    /// Lets the workers settle what is queued (subscriptions are stopped by now, so queued
+    /// messages are handed back to the broker rather than handled), then stops them. Workers
+    /// still busy at the deadline are aborted; their deliveries are dropped unsettled, so the
+    /// broker redelivers.
     pub(crate) async fn shutdown(&self, deadline: Duration) {
-        for q in &self.keyed {
-            q.close();
-        }
+        self.keyed.close();
         self.global.close();
         let handles = match self.workers.lock() {
             Ok(mut w) => std::mem::take(&mut *w),
@@ -225,11 +279,15 @@ impl<T: Transport> Dispatcher<T> {
         };
         let aborts: Vec<_> = handles.iter().map(|h| h.abort_handle()).collect();
         let all = futures_util::future::join_all(handles);
-        if tokio::time::timeout(deadline, all).await.is_err() {
+        tokio::pin!(all);
+        if tokio::time::timeout(deadline, &mut all).await.is_err() {
             tracing::warn!("dispatcher workers still busy at the close deadline; aborting them");
             for a in aborts {
                 a.abort();
             }
+            // Aborted tasks end at their next await: wait for that (bounded: a handler that
+            // blocks its thread cannot be aborted), so none outlives close().
+            let _ = tokio::time::timeout(Duration::from_secs(1), all).await;
         }
     }
 }

@@ -236,7 +236,7 @@ async fn backpressure_bounds_queue_depth() {
         .with_keyed_workers(4)
         .with_global_workers(2)
         .with_batch_size(50);
-    cfg.dispatch.keyed_queue = 8;
+    cfg.dispatch.keyed_buffer = 8;
     cfg.dispatch.global_queue = 4;
     let bound = (4 * 8 + 4) + (4 + 2) + 50;
     let bus = bus(cfg);

@@ -2,12 +2,12 @@
 //! in place (keeping the broker's ack deadline alive), then ack, or dead-letter and terminate.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
 
-use super::dedup::{DedupKey, DedupSet};
+use super::dedup::{DedupKey, SharedDedup};
 use super::{DeliveryOf, Job, Route};
 use crate::codec;
 use crate::config::RetryPolicy;
@@ -22,51 +22,35 @@ use crate::transport::{Delivery, Transport};
 /// Longest error text copied into a dead letter's header.
 const MAX_ERROR_HEADER_BYTES: usize = 1024;
 
-/// Where a worker remembers handled event ids: its own set (keyed workers: one aggregate,
-/// hence one event id, always lands on the same worker) or the global pool's shared one.
-pub(crate) enum Dedup<'a> {
-    Local(&'a mut DedupSet),
-    Shared(&'a Mutex<DedupSet>),
-}
-
-impl Dedup<'_> {
-    fn contains(&self, key: &DedupKey) -> bool {
-        match self {
-            Dedup::Local(s) => s.contains(key),
-            Dedup::Shared(m) => m.lock().map(|s| s.contains(key)).unwrap_or(false),
-        }
-    }
-
-    fn insert(&mut self, key: DedupKey) {
-        match self {
-            Dedup::Local(s) => s.insert(key),
-            Dedup::Shared(m) => {
-                if let Ok(mut s) = m.lock() {
-                    s.insert(key)
-                }
-            }
-        }
-    }
-}
-
 /// Shared by every worker of a bus.
 pub(crate) struct WorkerContext<T: Transport> {
     pub(crate) publisher: Arc<Publisher<T>>,
     pub(crate) retry: RetryPolicy,
     pub(crate) progress_interval: Duration,
     pub(crate) max_message_bytes: usize,
-    pub(crate) dedup_enabled: bool,
+    /// Recently handled event ids, shared by every worker (`None`: dedup off).
+    pub(crate) dedup: Option<SharedDedup>,
     pub(crate) metrics: Arc<Metrics>,
+    /// Longest wait for one dead-letter publish's ACK.
+    pub(crate) dead_letter_timeout: Duration,
 }
 
 impl<T: Transport> WorkerContext<T> {
-    pub(crate) async fn process(&self, job: Job<DeliveryOf<T>>, dedup: Dedup<'_>) {
+    /// Handles one job and settles its delivery. The layers, outermost first: lifecycle (a
+    /// stopping subscription hands unstarted messages back), decode, dedup, retry in place
+    /// with panic catching, dead letter.
+    pub(crate) async fn process(&self, job: Job<DeliveryOf<T>>) {
         let Job { delivery, route } = job;
-        self.handle(delivery, &route, dedup).await;
+        if route.is_running() {
+            self.handle(delivery, &route).await;
+        } else {
+            // Not started: back to the broker at once, so another member takes it now.
+            self.settle("nak", delivery.nak(Duration::ZERO).await);
+        }
         route.finished();
     }
 
-    async fn handle(&self, delivery: DeliveryOf<T>, route: &Route, mut dedup: Dedup<'_>) {
+    async fn handle(&self, delivery: DeliveryOf<T>, route: &Route) {
         let raw = delivery.message();
         let msg = match codec::decode(raw.payload(), raw.headers(), self.max_message_bytes) {
             Ok(payload) if raw.headers().get(headers::CONTENT_ENCODING).is_some() => {
@@ -82,10 +66,10 @@ impl<T: Transport> WorkerContext<T> {
         };
         let key = msg
             .event_id()
-            .filter(|_| self.dedup_enabled)
+            .filter(|_| self.dedup.is_some())
             .map(|id| DedupKey::new(route.id, id));
-        if let Some(k) = &key {
-            if dedup.contains(k) {
+        if let (Some(k), Some(seen)) = (&key, &self.dedup) {
+            if seen.contains(k) {
                 Metrics::inc(&self.metrics.deduplicated);
                 tracing::debug!(topic = %route.topic, event_id = ?msg.event_id(), "duplicate skipped");
                 return self.settle("ack", delivery.ack().await);
@@ -97,8 +81,8 @@ impl<T: Transport> WorkerContext<T> {
             match self.run_handler(route, msg.clone(), &delivery).await {
                 Ok(()) => {
                     Metrics::inc(&self.metrics.handled);
-                    if let Some(k) = key {
-                        dedup.insert(k);
+                    if let (Some(k), Some(seen)) = (key, &self.dedup) {
+                        seen.insert(k);
                     }
                     return self.settle("ack", delivery.ack().await);
                 }
@@ -111,6 +95,10 @@ impl<T: Transport> WorkerContext<T> {
                     }
                     if err.is_permanent() || attempt >= self.retry.max_attempts {
                         return self.dead_letter(delivery, route, &err, attempt).await;
+                    }
+                    if !route.is_running() {
+                        // Stopping: no more waiting; the broker redelivers it, in order.
+                        return self.settle("nak", delivery.nak(Duration::ZERO).await);
                     }
                     Metrics::inc(&self.metrics.retries);
                     tracing::debug!(topic = %route.topic, attempt, error = %err, "handler failed; retrying in place");
@@ -150,8 +138,11 @@ impl<T: Transport> WorkerContext<T> {
     }
 
     /// Publishes the message as received (still encoded) to the dead-letter topic with the
-    /// error in headers and waits for the ACK; only then terminates the original. If the dead
-    /// letter cannot be stored, the original is nak'ed so it comes back: nothing is lost.
+    /// error in headers and waits for the ACK; only then terminates the original. The publish
+    /// bypasses the application's results (its own path, no window slot). If the dead letter
+    /// cannot be stored after the retry policy's attempts, the message is handed back and the
+    /// subscription stops with an error: moving on would hand the aggregate's later events
+    /// to the handler before this one.
     async fn dead_letter(
         &self,
         delivery: DeliveryOf<T>,
@@ -159,40 +150,27 @@ impl<T: Transport> WorkerContext<T> {
         err: &HandlerError,
         attempts: u32,
     ) {
-        let raw = delivery.message();
-        let mut hdrs = raw.headers().clone();
-        let event_id = raw
-            .event_id()
-            .map(str::to_owned)
-            .unwrap_or_else(new_event_id);
-        hdrs.insert(headers::EVENT_ID, event_id.as_str());
-        // Its own idempotency key: the X-Event-ID header stays the original's, but two groups
-        // dead-lettering the same event must not be deduplicated into one dead letter.
-        let dead_letter_id = format!("{event_id}:{}:dlq", route.group);
-        if err.kind() == FailureKind::Codec {
-            if let Some(enc) = hdrs.remove(headers::CONTENT_ENCODING) {
-                hdrs.insert(headers::DLQ_CONTENT_ENCODING, enc);
+        let out = dead_letter_message(delivery.message(), route, err, attempts);
+        let mut tries = 0;
+        let stored = loop {
+            tries += 1;
+            let sent = self
+                .publisher
+                .publish_internal(out.clone(), self.dead_letter_timeout)
+                .await;
+            match sent {
+                Ok(_) => break Ok(()),
+                Err(e) if tries >= self.retry.max_attempts.max(1) || !route.is_running() => {
+                    break Err(e)
+                }
+                Err(e) => {
+                    Metrics::inc(&self.metrics.dead_letter_failures);
+                    tracing::warn!(topic = %route.topic, dlq = %route.dead_letter_topic, error = %e,
+                        tries, "dead-letter publish failed; retrying");
+                    self.wait_keeping_alive(&delivery, self.retry.backoff(tries))
+                        .await;
+                }
             }
-        }
-        hdrs.insert(headers::DLQ_ERROR, header_safe(err.message()));
-        hdrs.insert(headers::DLQ_REASON, err.kind().as_str());
-        hdrs.insert(headers::DLQ_TOPIC, route.topic.as_str());
-        hdrs.insert(headers::DLQ_GROUP, route.group.as_str());
-        hdrs.insert(headers::DLQ_ATTEMPTS, attempts.to_string());
-        let key = raw.aggregate_id().map(str::to_owned).or_else(|| {
-            raw.key()
-                .and_then(|k| std::str::from_utf8(k).ok().map(str::to_owned))
-        });
-        let out = OutgoingMessage {
-            topic: route.dead_letter_topic.clone(),
-            event_id: dead_letter_id,
-            key,
-            headers: hdrs,
-            payload: raw.payload().clone(),
-        };
-        let stored = match self.publisher.submit_and_wait(out, true).await {
-            Ok(result) => result.outcome.map(|_| ()),
-            Err(e) => Err(TransportError::Other(e.to_string())),
         };
         match stored {
             Ok(()) => {
@@ -203,9 +181,14 @@ impl<T: Transport> WorkerContext<T> {
             }
             Err(e) => {
                 Metrics::inc(&self.metrics.dead_letter_failures);
-                tracing::error!(topic = %route.topic, dlq = %route.dead_letter_topic, error = %e,
-                    "dead-letter publish failed; the message will be redelivered");
-                self.settle("nak", delivery.nak(self.retry.max_backoff).await);
+                let reason = format!(
+                    "dead-letter publish to {} failed after {tries} tries ({e}); the subscription \
+                     stopped so the aggregate's order holds; its messages return to the broker",
+                    route.dead_letter_topic
+                );
+                tracing::error!(topic = %route.topic, group = %route.group, "{reason}");
+                route.fail(reason);
+                self.settle("nak", delivery.nak(Duration::ZERO).await);
             }
         }
     }
@@ -215,6 +198,46 @@ impl<T: Transport> WorkerContext<T> {
             Metrics::inc(&self.metrics.settle_failures);
             tracing::warn!(error = %e, "{what} failed; the broker will redeliver and the duplicate is skipped by event id");
         }
+    }
+}
+
+/// The dead letter of `raw`: its bytes as received, the error in headers, its own
+/// idempotency key.
+fn dead_letter_message(
+    raw: &Message,
+    route: &Route,
+    err: &HandlerError,
+    attempts: u32,
+) -> OutgoingMessage {
+    let mut hdrs = raw.headers().clone();
+    let event_id = raw
+        .event_id()
+        .map(str::to_owned)
+        .unwrap_or_else(new_event_id);
+    hdrs.insert(headers::EVENT_ID, event_id.as_str());
+    // Its own idempotency key: the X-Event-ID header stays the original's, but two groups
+    // dead-lettering the same event must not be deduplicated into one dead letter.
+    let dead_letter_id = format!("{event_id}:{}:dlq", route.group);
+    if err.kind() == FailureKind::Codec {
+        if let Some(enc) = hdrs.remove(headers::CONTENT_ENCODING) {
+            hdrs.insert(headers::DLQ_CONTENT_ENCODING, enc);
+        }
+    }
+    hdrs.insert(headers::DLQ_ERROR, header_safe(err.message()));
+    hdrs.insert(headers::DLQ_REASON, err.kind().as_str());
+    hdrs.insert(headers::DLQ_TOPIC, route.topic.as_str());
+    hdrs.insert(headers::DLQ_GROUP, route.group.as_str());
+    hdrs.insert(headers::DLQ_ATTEMPTS, attempts.to_string());
+    let key = raw.aggregate_id().map(str::to_owned).or_else(|| {
+        raw.key()
+            .and_then(|k| std::str::from_utf8(k).ok().map(str::to_owned))
+    });
+    OutgoingMessage {
+        topic: route.dead_letter_topic.clone(),
+        event_id: dead_letter_id,
+        key,
+        headers: hdrs,
+        payload: raw.payload().clone(),
     }
 }
 

@@ -1,0 +1,115 @@
+//! The consuming side of a bus: one fetcher task per subscription feeding the shared
+//! dispatcher, and the handle that stops it.
+
+mod fetcher;
+
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::dispatcher::Route;
+
+pub(crate) use fetcher::{run_fetcher, FetcherParams};
+
+/// Stops one subscription.
+pub(crate) struct SubscriptionControl {
+    stop: watch::Sender<bool>,
+    pub(crate) done: watch::Receiver<bool>,
+    fetcher: Mutex<Option<JoinHandle<()>>>,
+    route: Arc<Route>,
+}
+
+impl SubscriptionControl {
+    pub(crate) fn new(
+        route: Arc<Route>,
+    ) -> (Arc<Self>, watch::Receiver<bool>, watch::Sender<bool>) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (done_tx, done_rx) = watch::channel(false);
+        let control = Arc::new(Self {
+            stop: stop_tx,
+            done: done_rx,
+            fetcher: Mutex::new(None),
+            route,
+        });
+        (control, stop_rx, done_tx)
+    }
+
+    pub(crate) fn set_fetcher(&self, task: JoinHandle<()>) {
+        if let Ok(mut f) = self.fetcher.lock() {
+            *f = Some(task);
+        }
+    }
+
+    pub(crate) fn is_done(&self) -> bool {
+        *self.done.borrow()
+    }
+
+    /// Stops fetching; messages fetched but not started go back to the broker, handlers
+    /// already running finish and are settled; then the consumer leaves. Returns when the
+    /// fetcher task is gone.
+    pub(crate) async fn stop_and_wait(&self) {
+        self.route.stop();
+        let _ = self.stop.send(true);
+        // Await the task itself, so it is gone (not just finishing) when we return; a second
+        // caller (unsubscribe racing close) waits for the done flag instead.
+        let fetcher = self.fetcher.lock().ok().and_then(|mut f| f.take());
+        match fetcher {
+            Some(task) => {
+                let _ = task.await;
+            }
+            None => {
+                let mut done = self.done.clone();
+                let _ = done.wait_for(|d| *d).await;
+            }
+        }
+    }
+
+    /// Ends the fetcher at once (the close deadline passed); waits until it is gone.
+    pub(crate) async fn abort(&self) {
+        let fetcher = self.fetcher.lock().ok().and_then(|mut f| f.take());
+        if let Some(task) = fetcher {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+/// A live subscription. Dropping the handle keeps the subscription running until the bus
+/// closes; [`SubscriptionHandle::unsubscribe`] stops it gracefully.
+pub struct SubscriptionHandle {
+    pub(crate) control: Arc<SubscriptionControl>,
+    pub(crate) topic: String,
+    pub(crate) group: String,
+}
+
+impl SubscriptionHandle {
+    /// The topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The consumer group.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// True while the subscription fetches and handles messages.
+    pub fn is_running(&self) -> bool {
+        !self.control.is_done() && self.control.route.is_running()
+    }
+
+    /// Why the subscription stopped on its own, if it did: a message's dead letter could not
+    /// be stored, and going on would have broken its aggregate's order. The message and
+    /// everything after it went back to the broker; another member (or a new subscription
+    /// once the dead-letter topic is writable) takes them.
+    pub fn failure(&self) -> Option<String> {
+        self.control.route.failure()
+    }
+
+    /// Stops fetching, hands messages fetched but not started back to the broker, waits for
+    /// running handlers to finish and be settled, and leaves the group.
+    pub async fn unsubscribe(self) {
+        self.control.stop_and_wait().await;
+    }
+}
