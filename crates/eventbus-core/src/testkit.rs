@@ -1073,7 +1073,7 @@ pub async fn subscribe_racing_close_leaves_nothing<B: Backend>(b: &B) {
                 .await,
             Err(BusError::Closed)
         ));
-        drop(bus);
+        // The bus is still held: a closed bus must not keep tasks alive until it is dropped.
         // Tasks wind down asynchronously only if something was left running: allow the
         // runtime a bounded moment, then insist.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -1085,6 +1085,7 @@ pub async fn subscribe_racing_close_leaves_nothing<B: Backend>(b: &B) {
             baseline,
             "round {round}: tasks still alive after close() returned"
         );
+        drop(bus);
     }
 }
 

@@ -113,6 +113,14 @@ pub trait Subscription: Send + 'static {
         max_wait: Duration,
     ) -> impl Future<Output = Result<Vec<Self::Delivery>, TransportError>> + Send;
 
+    /// Fetching has stopped for good: hand back to the broker, at once, whatever the client
+    /// holds prefetched and has not returned from `fetch` yet, so another member gets it now
+    /// rather than after an ack timeout. Called before the dispatched messages are drained
+    /// and [`Subscription::close`] runs. Default: nothing is prefetched.
+    fn release_prefetched(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+
     /// Leaves the group (commits what is complete). Called after every delivery it fetched
     /// was acked, nak'ed or terminated, or the drain deadline passed.
     fn close(self) -> impl Future<Output = Result<(), TransportError>> + Send;

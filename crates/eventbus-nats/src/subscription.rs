@@ -14,6 +14,11 @@ use futures_util::{FutureExt, StreamExt};
 use crate::naming::subject;
 use crate::transport::{headers_from, NatsTransport};
 
+/// At close, the pull stream is read for prefetched messages until it is quiet this long...
+const CLOSE_QUIET: Duration = Duration::from_millis(50);
+/// ...or this long in all.
+const CLOSE_HAND_BACK_LIMIT: Duration = Duration::from_secs(2);
+
 /// One member of a consumer group: a durable pull consumer named after the group.
 pub struct NatsSubscription {
     consumer: PullConsumer,
@@ -29,7 +34,7 @@ impl NatsSubscription {
     ) -> Result<Self, TransportError> {
         let stream_name = transport.stream_name(&spec.topic);
         let stream = transport
-            .context
+            .jetstream()?
             .get_stream(&stream_name)
             .await
             .map_err(|e| TransportError::Provisioning(format!("stream {stream_name}: {e}")))?;
@@ -158,6 +163,29 @@ impl Subscription for NatsSubscription {
             }
         }
         Ok(batch.into_iter().map(|m| self.delivery(m)).collect())
+    }
+
+    async fn release_prefetched(&mut self) {
+        // What the client already pulled (and what the open pull request still brings) is
+        // nak'ed, so another member gets it now rather than after AckWait.
+        let Some(mut stream) = self.messages.take() else {
+            return;
+        };
+        let mut handed_back = 0usize;
+        let limit = tokio::time::Instant::now() + CLOSE_HAND_BACK_LIMIT;
+        loop {
+            let quiet = (tokio::time::Instant::now() + CLOSE_QUIET).min(limit);
+            match tokio::time::timeout_at(quiet, stream.next()).await {
+                Ok(Some(Ok(m))) => {
+                    if let Err(e) = m.ack_with(AckKind::Nak(None)).await {
+                        tracing::debug!(error = %e, "nak of a prefetched message failed");
+                    }
+                    handed_back += 1;
+                }
+                _ => break,
+            }
+        }
+        tracing::debug!(topic = %self.topic, handed_back, "prefetched messages handed back");
     }
 
     async fn close(self) -> Result<(), TransportError> {

@@ -29,8 +29,9 @@ const MAX_REPUBLISH_BACKOFF: Duration = Duration::from_secs(2);
 pub struct NatsTransport {
     pub(crate) client: async_nats::Client,
     /// Shared by every pending ACK future (for republishing): one `Arc` clone per message
-    /// instead of a `Context` clone.
-    pub(crate) context: Arc<jetstream::Context>,
+    /// instead of a `Context` clone. Taken at close: the context owns the client's ACK task,
+    /// which must not outlive the bus.
+    context: RwLock<Option<Arc<jetstream::Context>>>,
     pub(crate) config: NatsConfig,
     provisioned: RwLock<HashSet<String>>,
     closed: AtomicBool,
@@ -100,16 +101,21 @@ impl NatsTransport {
             .build(client.clone());
         Ok(Self {
             client,
-            context: Arc::new(context),
+            context: RwLock::new(Some(Arc::new(context))),
             config,
             provisioned: RwLock::new(HashSet::new()),
             closed: AtomicBool::new(false),
         })
     }
 
-    /// The JetStream context (for inspection: stream and consumer info).
-    pub fn jetstream(&self) -> &jetstream::Context {
-        &self.context
+    /// The JetStream context (for inspection: stream and consumer info); `Closed` after
+    /// `close()`.
+    pub fn jetstream(&self) -> Result<Arc<jetstream::Context>, TransportError> {
+        self.context
+            .read()
+            .ok()
+            .and_then(|c| c.clone())
+            .ok_or(TransportError::Closed)
     }
 
     /// The stream name used for `topic`.
@@ -149,7 +155,7 @@ impl NatsTransport {
             ..Default::default()
         };
         let stream = self
-            .context
+            .jetstream()?
             .get_or_create_stream(wanted.clone())
             .await
             .map_err(|e| {
@@ -303,15 +309,14 @@ impl Transport for NatsTransport {
             payload,
             ..
         } = message;
-        let first = self
-            .context
+        let context = self.jetstream()?;
+        let first = context
             .send_publish(
                 subject(&topic).to_string(),
                 nats_message(&headers, &payload, &event_id)?,
             )
             .await
             .map_err(|e| publish_error(e.kind(), &e))?;
-        let context = self.context.clone();
         let retries = self.config.publish_retries;
         // The message's own parts move into the future; the NATS message is rebuilt only on
         // the rare republish, so the common path clones nothing.
@@ -353,8 +358,15 @@ impl Transport for NatsTransport {
         if self.closed.load(Ordering::Acquire) {
             return Err(TransportError::Closed);
         }
-        self.provision_topic(&spec.topic).await?;
-        NatsSubscription::create(self, spec).await
+        let created = match self.provision_topic(&spec.topic).await {
+            Ok(()) => NatsSubscription::create(self, spec).await,
+            Err(e) => Err(e),
+        };
+        // A close() during the round trips fails them with a connection error: say Closed.
+        match created {
+            Err(_) if self.closed.load(Ordering::Acquire) => Err(TransportError::Closed),
+            other => other,
+        }
     }
 
     fn health(&self) -> Health {
@@ -382,6 +394,10 @@ impl Transport for NatsTransport {
             .map_err(|e| TransportError::Unavailable(format!("flush on close: {e}")));
         if let Err(e) = self.client.drain().await {
             tracing::debug!(error = %e, "drain on close");
+        }
+        // Ends the client's ACK task (it lives as long as a context does).
+        if let Ok(mut c) = self.context.write() {
+            c.take();
         }
         flushed
     }

@@ -67,6 +67,7 @@ async fn republished_event_id_is_a_duplicate_and_stored_once() {
     let mut stream = bus
         .transport()
         .jetstream()
+        .expect("open transport")
         .get_stream(bus.transport().stream_name(&topic))
         .await
         .expect("stream");
@@ -81,7 +82,7 @@ async fn provisioning_defaults_are_visible_in_stream_and_consumer_info() {
     bus.subscribe(&topic, "billing", Recorder::default().handler())
         .await
         .expect("subscribe");
-    let js = bus.transport().jetstream();
+    let js = bus.transport().jetstream().expect("open transport");
     let mut stream = js
         .get_stream(bus.transport().stream_name(&topic))
         .await
@@ -117,6 +118,7 @@ async fn conflicting_stream_is_a_provisioning_error() {
     // Someone else's stream already captures the subject under another name.
     bus.transport()
         .jetstream()
+        .expect("open transport")
         .create_stream(async_nats::jetstream::stream::Config {
             name: format!("OTHER_{}", topic.replace('-', "_")),
             subjects: vec![format!("{topic}")],
@@ -319,4 +321,63 @@ async fn token_auth_is_passed_through() {
         .expect("publish");
     assert!(r.is_ok());
     bus.close().await.expect("close");
+}
+
+/// `close()` hands what this instance fetched but did not start back to the server at once:
+/// the next instance of the group gets it long before the consumer's AckWait (120 s here)
+/// would have redelivered it. Only the handlers still running at the close deadline (blocked
+/// here on purpose) wait for AckWait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_hands_prefetched_messages_back_before_ack_wait() {
+    const EVENTS: usize = 400;
+    const WORKERS: usize = 4;
+    let mut nats = Nats::new();
+    nats.config.consumer.ack_wait = Duration::from_secs(120);
+    let topic = unique("handback");
+    let group = unique("group");
+    let cfg = kit_config()
+        .with_keyed_workers(WORKERS)
+        .with_close_timeout(Duration::from_secs(2));
+    let first = nats.connect(cfg.clone()).await.expect("connect");
+    let started: Recorder<String> = Recorder::default();
+    let s = started.clone();
+    first
+        .subscribe_envelope(&topic, &group, move |e: Envelope| {
+            let s = s.clone();
+            async move {
+                s.push(e.event_id);
+                // Never returns: these stay unsettled and come back after AckWait only.
+                std::future::pending::<()>().await;
+                Ok(())
+            }
+        })
+        .await
+        .expect("subscribe");
+    for i in 0..EVENTS {
+        let e = Envelope::new(format!("agg-{i}"), "t", 1, json!({ "i": i }));
+        first.publish_envelope(&topic, &e).await.expect("publish");
+    }
+    first.flush().await.expect("flush");
+    started.wait_for(WORKERS, "every worker blocked").await;
+    first.close().await.expect("close");
+    let blocked: std::collections::HashSet<String> = started.snapshot().into_iter().collect();
+
+    let second = nats.connect(cfg).await.expect("connect");
+    let got: Recorder<Envelope> = Recorder::default();
+    second
+        .subscribe_envelope(&topic, &group, got.envelope_handler())
+        .await
+        .expect("subscribe");
+    // The kit timeout (60 s) is half the AckWait: only a prompt hand-back passes.
+    let items = got
+        .wait_until("every message not started by the first instance", |items| {
+            items
+                .iter()
+                .filter(|e| !blocked.contains(&e.event_id))
+                .count()
+                >= EVENTS - blocked.len()
+        })
+        .await;
+    assert!(items.len() >= EVENTS - blocked.len());
+    second.close().await.expect("close");
 }

@@ -71,7 +71,11 @@ pub(crate) async fn run_fetcher<T: Transport>(
     }
     // Whatever ended the loop, messages not started yet go back to the broker.
     route.stop();
-    if tokio::time::timeout(drain_timeout, route.wait_idle())
+    subscription.release_prefetched().await;
+    dispatcher.hand_back(&route).await;
+    // Most of the deadline, so the consumer still closes (and commits) before close()
+    // gives up on this task.
+    if tokio::time::timeout(drain_timeout.mul_f64(0.8), route.wait_idle())
         .await
         .is_err()
     {

@@ -258,6 +258,19 @@ impl<T: Transport> Dispatcher<T> {
         }
     }
 
+    /// Hands the stopping `route`'s buffered messages back to the broker at once, except
+    /// those queued behind a running handler (its worker hands them back, in order, when it
+    /// is done).
+    pub(crate) async fn hand_back(&self, route: &Arc<Route>) {
+        let jobs = self.keyed.drain_idle(|j| Arc::ptr_eq(&j.route, route));
+        for job in jobs {
+            if let Err(e) = job.delivery.nak(Duration::ZERO).await {
+                tracing::debug!(topic = %route.topic, error = %e, "handing a message back failed; the broker redelivers it");
+            }
+            job.route.finished();
+        }
+    }
+
     pub(crate) fn queued(&self) -> usize {
         self.keyed.queued() + self.global.len()
     }

@@ -215,6 +215,33 @@ impl<J> KeyedScheduler<J> {
         }
     }
 
+    /// Removes and returns, in lane order, the jobs of every lane no worker is on whose jobs
+    /// match `pred`. Lanes with a running job keep theirs: handing back what follows a job
+    /// before that job is settled would let another consumer overtake it.
+    pub(crate) fn drain_idle(&self, pred: impl Fn(&J) -> bool) -> Vec<J> {
+        let mut st = self.lock();
+        let state = &mut *st;
+        let keys: Vec<LaneKey> = state
+            .lanes
+            .iter()
+            .filter(|(_, l)| !l.busy && l.jobs.front().is_some_and(&pred))
+            .map(|(k, _)| *k)
+            .collect();
+        let mut out = Vec::new();
+        for k in keys {
+            if let Some(mut lane) = state.lanes.remove(&k) {
+                out.extend(lane.jobs.drain(..));
+                if state.spare.len() < MAX_SPARE_LANES {
+                    state.spare.push(lane.jobs);
+                }
+            }
+        }
+        state.queued -= out.len();
+        drop(st);
+        self.room.add_permits(out.len());
+        out
+    }
+
     /// Accepts nothing more; workers take what is buffered, then [`Self::next`] returns
     /// `None`. Pushes waiting for room get their job back.
     pub(crate) fn close(&self) {
@@ -292,6 +319,22 @@ mod tests {
         assert_eq!(s.finish_and_take(k).map(|(_, j)| j), Some(2));
         s.finish(k);
         assert_eq!(s.next().await, None);
+    }
+
+    #[tokio::test]
+    async fn drain_takes_idle_lanes_only() {
+        let s = KeyedScheduler::new(16);
+        let (a, b) = (s.key_of(1, b"a"), s.key_of(1, b"b"));
+        s.push(a, "a1").await.expect("push");
+        s.push(a, "a2").await.expect("push");
+        s.push(b, "b1").await.expect("push");
+        s.push(b, "b2").await.expect("push");
+        let (k, j) = s.next().await.expect("job");
+        assert_eq!((k, j), (a, "a1"));
+        // a is running: a2 must stay behind it; b is idle: handed back whole, in order.
+        assert_eq!(s.drain_idle(|_| true), vec!["b1", "b2"]);
+        assert_eq!(s.queued(), 1);
+        assert_eq!(s.finish_and_take(a), Some((a, "a2")));
     }
 
     #[test]

@@ -333,3 +333,141 @@ async fn task_count_is_set_by_configuration_only() {
     assert_eq!(small, 22);
     assert_eq!(large, small);
 }
+
+/// The memory transport, except that every publish to a dead-letter topic fails.
+struct FailingDeadLetters(MemoryTransport);
+
+impl crate::Transport for FailingDeadLetters {
+    type Ack = <MemoryTransport as crate::Transport>::Ack;
+    type Subscription = <MemoryTransport as crate::Transport>::Subscription;
+
+    fn backend(&self) -> &'static str {
+        "memory-failing-dlq"
+    }
+
+    fn capabilities(&self) -> crate::Capabilities {
+        self.0.capabilities()
+    }
+
+    async fn send(&self, m: crate::OutgoingMessage) -> Result<Self::Ack, crate::TransportError> {
+        if m.topic.ends_with(".dlq") {
+            return Err(crate::TransportError::Unavailable(
+                "dead-letter topic down".into(),
+            ));
+        }
+        self.0.send(m).await
+    }
+
+    async fn subscribe(
+        &self,
+        spec: crate::SubscriptionSpec,
+    ) -> Result<Self::Subscription, crate::TransportError> {
+        self.0.subscribe(spec).await
+    }
+
+    fn health(&self) -> crate::Health {
+        self.0.health()
+    }
+
+    async fn close(&self) -> Result<(), crate::TransportError> {
+        self.0.close().await
+    }
+}
+
+/// A dead letter that cannot be stored must not let the aggregate's later events overtake
+/// the message: the subscription stops with an error instead of moving on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_dead_letter_keeps_the_aggregate_blocked_and_stops_the_subscription() {
+    let bus = Bus::new(
+        FailingDeadLetters(MemoryTransport::new()),
+        BusConfig::default().with_retry(fast_retry(2)),
+    )
+    .expect("bus");
+    let handled = Arc::new(Mutex::new(Vec::<i64>::new()));
+    let attempts_on_2 = Arc::new(AtomicUsize::new(0));
+    let (h, a2) = (handled.clone(), attempts_on_2.clone());
+    let sub = bus
+        .subscribe_envelope("orders", "g", move |e: Envelope| {
+            let (h, a2) = (h.clone(), a2.clone());
+            async move {
+                if e.event_version == 2 {
+                    a2.fetch_add(1, Ordering::SeqCst);
+                    return Err(HandlerError::permanent("cannot handle v2"));
+                }
+                h.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(e.event_version);
+                Ok(())
+            }
+        })
+        .await
+        .expect("subscribe");
+    for v in 1..=5 {
+        let e = Envelope::new("agg-1", "t", v, json!({ "v": v }));
+        bus.publish_envelope("orders", &e).await.expect("publish");
+    }
+    wait_until("the subscription to stop on the failed dead letter", || {
+        sub.failure().is_some()
+    })
+    .await;
+    assert!(!sub.is_running());
+    let reason = sub.failure().unwrap_or_default();
+    assert!(reason.contains("orders.dlq"), "{reason}");
+    // Settled state: the fetcher is gone once the bus closes.
+    bus.close().await.expect("close");
+    assert_eq!(
+        *handled.lock().unwrap_or_else(|e| e.into_inner()),
+        vec![1],
+        "events after the undeliverable one were handled before it"
+    );
+    let m = bus.metrics();
+    assert_eq!(m.dead_lettered, 0);
+    assert!(m.dead_letter_failures >= 1, "{m:?}");
+}
+
+/// The bus's own dead-letter publishes are not the application's publishes: they never reach
+/// its result callback or stream, and do not count as `published`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_stay_out_of_the_applications_results() {
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let s = seen.clone();
+    let bus = Bus::builder(MemoryTransport::new())
+        .config(BusConfig::default().with_retry(fast_retry(1)))
+        .on_publish_result(move |r| {
+            s.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(r.topic.clone())
+        })
+        .build()
+        .expect("bus");
+    let mut results = bus.results().expect("results");
+    bus.subscribe("orders", "g", |_m: Message| async {
+        Err::<(), _>(HandlerError::permanent("no"))
+    })
+    .await
+    .expect("subscribe");
+    let dlq = Arc::new(AtomicUsize::new(0));
+    let d = dlq.clone();
+    bus.subscribe("orders.dlq", "reader", move |_m: Message| {
+        d.fetch_add(1, Ordering::SeqCst);
+        async { Ok(()) }
+    })
+    .await
+    .expect("subscribe dlq");
+    bus.publish_and_wait("orders", &b"x"[..])
+        .await
+        .expect("publish");
+    wait_until("the dead letter", || dlq.load(Ordering::SeqCst) == 1).await;
+    bus.close().await.expect("close");
+    let mut streamed = Vec::new();
+    while let Some(r) = results.recv().await {
+        streamed.push(r.topic);
+    }
+    assert_eq!(streamed, vec!["orders".to_string()]);
+    assert_eq!(
+        *seen.lock().unwrap_or_else(|e| e.into_inner()),
+        vec!["orders".to_string()]
+    );
+    assert_eq!(bus.metrics().published, 1);
+    assert_eq!(bus.metrics().dead_lettered, 1);
+}
