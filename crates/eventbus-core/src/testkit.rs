@@ -1004,24 +1004,24 @@ pub async fn close_bounded_with_unread_results<B: Backend>(b: &B) {
     let stream = bus.results().expect("results");
     let accepted = Arc::new(Mutex::new(Vec::<String>::new()));
     let (pb, acc, t) = (bus.clone(), accepted.clone(), topic.clone());
+    let (going_tx, going) = tokio::sync::oneshot::channel::<()>();
     let publisher = tokio::spawn(async move {
+        let mut going_tx = Some(going_tx);
         for v in 1..=1_000i64 {
             match pb.publish_envelope(&t, &env("agg-u", v)).await {
                 Ok(id) => acc.lock().unwrap_or_else(|e| e.into_inner()).push(id),
                 Err(BusError::Closed) => return,
                 Err(e) => panic!("unexpected publish error {e}"),
             }
+            if v == 150 {
+                if let Some(tx) = going_tx.take() {
+                    let _ = tx.send(());
+                }
+            }
         }
     });
     // The stream (100) and the window (100) fill up; publishing then waits on the reader.
-    let deadline = tokio::time::Instant::now() + kit_timeout();
-    while accepted.lock().unwrap_or_else(|e| e.into_inner()).len() < 150 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "publishing never got going"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    going.await.expect("publishing got going (150 accepted)");
     // Four phases (subscriptions, dispatcher, flush, collector) each bounded by the timeout.
     let bound = CLOSE_TIMEOUT * 4 + Duration::from_secs(10);
     let closed = tokio::time::timeout(bound, bus.close()).await;
