@@ -48,9 +48,71 @@ pub enum TransportError {
     /// The transport or subscription is closed.
     #[error("closed")]
     Closed,
+    /// The backend cannot work in this environment (for example on a current-thread runtime).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
     /// Anything else the client reported.
     #[error("{0}")]
     Other(String),
+}
+
+/// What kind of [`TransportError`] occurred, without its details: for matching and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TransportErrorKind {
+    /// [`TransportError::Unavailable`].
+    Unavailable,
+    /// [`TransportError::Timeout`].
+    Timeout,
+    /// [`TransportError::InvalidTopic`].
+    InvalidTopic,
+    /// [`TransportError::InvalidHeader`].
+    InvalidHeader,
+    /// [`TransportError::PayloadTooLarge`].
+    PayloadTooLarge,
+    /// [`TransportError::Rejected`].
+    Rejected,
+    /// [`TransportError::Provisioning`].
+    Provisioning,
+    /// [`TransportError::Closed`].
+    Closed,
+    /// [`TransportError::Unsupported`].
+    Unsupported,
+    /// [`TransportError::Other`].
+    Other,
+}
+
+impl TransportError {
+    /// The error's kind.
+    ///
+    /// ```
+    /// use eventbus_core::{TransportError, TransportErrorKind};
+    /// let e = TransportError::Timeout("publish".into());
+    /// assert_eq!(e.kind(), TransportErrorKind::Timeout);
+    /// assert!(e.is_transient());
+    /// ```
+    pub fn kind(&self) -> TransportErrorKind {
+        match self {
+            Self::Unavailable(_) => TransportErrorKind::Unavailable,
+            Self::Timeout(_) => TransportErrorKind::Timeout,
+            Self::InvalidTopic { .. } => TransportErrorKind::InvalidTopic,
+            Self::InvalidHeader { .. } => TransportErrorKind::InvalidHeader,
+            Self::PayloadTooLarge { .. } => TransportErrorKind::PayloadTooLarge,
+            Self::Rejected(_) => TransportErrorKind::Rejected,
+            Self::Provisioning(_) => TransportErrorKind::Provisioning,
+            Self::Closed => TransportErrorKind::Closed,
+            Self::Unsupported(_) => TransportErrorKind::Unsupported,
+            Self::Other(_) => TransportErrorKind::Other,
+        }
+    }
+
+    /// True when trying again later may succeed (the broker was unreachable or slow).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self.kind(),
+            TransportErrorKind::Unavailable | TransportErrorKind::Timeout
+        )
+    }
 }
 
 /// Errors of the bus API.
@@ -85,6 +147,60 @@ pub enum BusError {
     /// The bus was used outside a Tokio runtime.
     #[error("eventbus needs a Tokio runtime (call it from within one)")]
     NoRuntime,
+}
+
+/// What kind of [`BusError`] occurred, without its details.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum BusErrorKind {
+    /// [`BusError::Envelope`].
+    Envelope,
+    /// [`BusError::Transport`]; [`BusError::transport_kind`] says which.
+    Transport,
+    /// [`BusError::Codec`].
+    Codec,
+    /// [`BusError::Closed`].
+    Closed,
+    /// [`BusError::ResultsAlreadyTaken`].
+    ResultsAlreadyTaken,
+    /// [`BusError::FlushTimeout`].
+    FlushTimeout,
+    /// [`BusError::Config`].
+    Config,
+    /// [`BusError::NoRuntime`].
+    NoRuntime,
+}
+
+impl BusError {
+    /// The error's kind.
+    ///
+    /// ```
+    /// use eventbus_core::{BusError, BusErrorKind, TransportError, TransportErrorKind};
+    /// let e = BusError::from(TransportError::Closed);
+    /// assert_eq!(e.kind(), BusErrorKind::Transport);
+    /// assert_eq!(e.transport_kind(), Some(TransportErrorKind::Closed));
+    /// assert_eq!(BusError::Closed.kind(), BusErrorKind::Closed);
+    /// ```
+    pub fn kind(&self) -> BusErrorKind {
+        match self {
+            Self::Envelope(_) => BusErrorKind::Envelope,
+            Self::Transport(_) => BusErrorKind::Transport,
+            Self::Codec(_) => BusErrorKind::Codec,
+            Self::Closed => BusErrorKind::Closed,
+            Self::ResultsAlreadyTaken => BusErrorKind::ResultsAlreadyTaken,
+            Self::FlushTimeout { .. } => BusErrorKind::FlushTimeout,
+            Self::Config(_) => BusErrorKind::Config,
+            Self::NoRuntime => BusErrorKind::NoRuntime,
+        }
+    }
+
+    /// The transport error's kind when the broker client failed.
+    pub fn transport_kind(&self) -> Option<TransportErrorKind> {
+        match self {
+            Self::Transport(t) => Some(t.kind()),
+            _ => None,
+        }
+    }
 }
 
 /// A handler's failure. `permanent` errors skip the remaining retries and go straight to the

@@ -51,6 +51,7 @@ pub const CASES: &[&str] = &[
     "mixed_compressed_and_plain",
     "malformed_input_dead_letter",
     "bad_input_is_rejected",
+    "current_thread_runtime",
 ];
 
 /// A broker under test: each call gives a new client connection (a "process") to the same
@@ -63,6 +64,13 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         config: BusConfig,
     ) -> impl Future<Output = Result<Bus<Self::Transport>, BusError>> + Send;
+
+    /// Whether the backend works on Tokio's current-thread runtime. A backend that does not
+    /// must refuse it at connect with [`TransportError::Unsupported`]
+    /// (checked by [`current_thread_runtime`]).
+    fn supports_current_thread(&self) -> bool {
+        true
+    }
 }
 
 /// The configuration every case starts from: short backoffs and waits so cases run fast.
@@ -1227,6 +1235,67 @@ pub async fn bad_input_is_rejected<B: Backend>(b: &B) {
     bus.close().await.expect("close");
 }
 
+/// Runs on Tokio's current-thread runtime (the default of `#[tokio::test]`): a backend that
+/// supports it publishes, consumes, retries and closes there; one that does not refuses at
+/// connect with a clear [`TransportError::Unsupported`] instead of stalling later.
+pub async fn current_thread_runtime<B: Backend>(b: &B) {
+    assert_eq!(
+        tokio::runtime::Handle::current().runtime_flavor(),
+        tokio::runtime::RuntimeFlavor::CurrentThread
+    );
+    let bus = match b.connect(kit_config()).await {
+        Ok(bus) => bus,
+        Err(e) => {
+            assert!(
+                !b.supports_current_thread(),
+                "connect failed on a current-thread runtime: {e}"
+            );
+            assert!(
+                matches!(e, BusError::Transport(TransportError::Unsupported(ref m)) if m.contains("multi-thread")),
+                "refusal must say what to use instead: {e:?}"
+            );
+            println!("refused on a current-thread runtime, as declared: {e}");
+            return;
+        }
+    };
+    assert!(
+        b.supports_current_thread(),
+        "the backend declares no current-thread support but connected"
+    );
+    let topic = unique("current-thread");
+    let rec: Recorder<Envelope> = Recorder::default();
+    let r = rec.clone();
+    let failed_once = Arc::new(AtomicUsize::new(0));
+    let f = failed_once.clone();
+    bus.subscribe_envelope(&topic, &unique("group"), move |e: Envelope| {
+        let (r, f) = (r.clone(), f.clone());
+        async move {
+            if e.event_version == 2 && f.fetch_add(1, Ordering::SeqCst) == 0 {
+                return Err(HandlerError::retryable("first attempt fails"));
+            }
+            r.push(e);
+            Ok(())
+        }
+    })
+    .await
+    .expect("subscribe");
+    for v in 1..=20 {
+        bus.publish_envelope(&topic, &env(&format!("agg-{}", v % 3), v))
+            .await
+            .expect("publish");
+    }
+    let got = rec
+        .wait_for(20, "20 envelopes on a current-thread runtime")
+        .await;
+    assert_eq!(ordering_violations(&got), 0);
+    assert_eq!(
+        failed_once.load(Ordering::SeqCst),
+        2,
+        "one retry of version 2"
+    );
+    bus.close().await.expect("close");
+}
+
 /// Runs every conformance case as its own `#[tokio::test]`. `$make` is an `async fn()`
 /// returning the [`Backend`].
 #[macro_export]
@@ -1241,6 +1310,16 @@ macro_rules! conformance_tests {
             close_while_publishing_loses_nothing, close_bounded_with_unread_results,
             subscribe_racing_close_leaves_nothing, compression_round_trip,
             mixed_compressed_and_plain, malformed_input_dead_letter, bad_input_is_rejected);
+        $crate::conformance_tests!(@current_thread $make; current_thread_runtime);
+    };
+    (@current_thread $make:path; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "current_thread")]
+            async fn $case() {
+                let backend = $make().await;
+                $crate::testkit::$case(&backend).await;
+            }
+        )*
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
         $(

@@ -1,6 +1,7 @@
 //! One consumer per subscription (group = consumer group id), with contiguous commits and
 //! drain-before-release on rebalance.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -42,14 +43,75 @@ struct Shared {
 }
 
 impl Shared {
+    /// Parks a message for a local redelivery, unless its partition is being given up: then
+    /// the message only stops counting as busy, and the next owner delivers it (its offset
+    /// stays uncommitted).
     fn park(&self, message: Message, partition: i32, offset: i64, delay: Duration) {
-        lock(&self.tracker).park(partition, offset);
+        let mut tracker = lock(&self.tracker);
+        tracker.park(partition, offset);
+        if !tracker.redelivers(partition) {
+            return;
+        }
+        // Lock order: tracker, then parked (as in `take_due`).
         lock(&self.parked).push(Parked {
             due: Instant::now() + delay,
             message,
             partition,
             offset,
         });
+    }
+
+    /// Parked messages whose redelivery time has come, at most `max`.
+    fn take_due(&self, now: Instant, max: usize) -> Vec<Parked> {
+        let mut tracker = lock(&self.tracker);
+        let mut parked = lock(&self.parked);
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < parked.len() && out.len() < max {
+            if !tracker.redelivers(parked[i].partition) {
+                parked.swap_remove(i);
+            } else if parked[i].due <= now {
+                let p = parked.swap_remove(i);
+                tracker.unpark(p.partition, p.offset);
+                out.push(p);
+            } else {
+                i += 1;
+            }
+        }
+        out
+    }
+
+    /// Gives `partitions` up: waits (through `drain`, given a count of messages still being
+    /// handled) for their fetched messages to settle, then returns their commit points and
+    /// stops tracking them.
+    fn revoke(
+        &self,
+        partitions: &[i32],
+        drain: impl FnOnce(&dyn Fn() -> usize),
+    ) -> Vec<(i32, i64)> {
+        // From here on, messages of these partitions are no longer parked here: parked and
+        // later nak'ed ones go to the next owner (they stay uncommitted, so the next owner
+        // starts at or before them).
+        {
+            let mut tracker = lock(&self.tracker);
+            for p in partitions {
+                tracker.begin_revoke(*p);
+            }
+            lock(&self.parked).retain(|p| !partitions.contains(&p.partition));
+        }
+        drain(&|| {
+            let t = lock(&self.tracker);
+            partitions.iter().map(|p| t.busy(*p)).sum()
+        });
+        let mut t = lock(&self.tracker);
+        let mut points = Vec::new();
+        for p in partitions {
+            if let Some(point) = t.commit_point(*p) {
+                points.push((*p, point));
+            }
+            t.revoke(*p);
+        }
+        points
     }
 }
 
@@ -72,33 +134,24 @@ impl ConsumerContext for GroupContext {
             .iter()
             .map(|e| e.partition())
             .collect();
-        // Parked redeliveries of revoked partitions go to the next owner (they stay
-        // uncommitted, so the next owner starts at or before them).
-        lock(&self.shared.parked).retain(|p| !partitions.contains(&p.partition));
         let deadline = Instant::now() + self.shared.drain_timeout;
-        blocking(|| loop {
-            let busy: usize = {
-                let t = lock(&self.shared.tracker);
-                partitions.iter().map(|p| t.busy(*p)).sum()
-            };
-            if busy == 0 {
-                break;
-            }
-            if Instant::now() >= deadline {
-                tracing::warn!(topic = %self.topic, busy, "revoked partitions not drained in time; their messages will be redelivered to the next owner");
-                break;
-            }
-            std::thread::sleep(DRAIN_POLL);
+        let topic = &self.topic;
+        let points = self.shared.revoke(&partitions, |busy| {
+            blocking(|| loop {
+                let n = busy();
+                if n == 0 {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    tracing::warn!(topic = %topic, busy = n, "revoked partitions not drained in time; their messages will be redelivered to the next owner");
+                    break;
+                }
+                std::thread::sleep(DRAIN_POLL);
+            })
         });
         let mut commits = TopicPartitionList::new();
-        {
-            let mut t = lock(&self.shared.tracker);
-            for p in &partitions {
-                if let Some(point) = t.commit_point(*p) {
-                    let _ = commits.add_partition_offset(&self.topic, *p, Offset::Offset(point));
-                }
-                t.revoke(*p);
-            }
+        for (p, point) in points {
+            let _ = commits.add_partition_offset(&self.topic, p, Offset::Offset(point));
         }
         if commits.count() > 0 {
             if let Err(e) = consumer.commit(&commits, CommitMode::Sync) {
@@ -126,12 +179,15 @@ pub struct KafkaSubscription {
     topic: Arc<str>,
     commit_interval: Duration,
     last_commit: Instant,
+    /// The transport's closed flag: once set, `fetch` returns `Closed`.
+    transport_closed: Arc<AtomicBool>,
 }
 
 impl KafkaSubscription {
     pub(crate) fn create(
         config: &KafkaConfig,
         spec: SubscriptionSpec,
+        transport_closed: Arc<AtomicBool>,
     ) -> Result<Self, TransportError> {
         let c = &config.consumer;
         let mut cc = config.base();
@@ -168,6 +224,7 @@ impl KafkaSubscription {
             topic,
             commit_interval: c.commit_interval,
             last_commit: Instant::now(),
+            transport_closed,
         })
     }
 
@@ -205,35 +262,27 @@ impl KafkaSubscription {
 
     /// Parked messages whose redelivery time has come.
     fn due_redeliveries(&self, max: usize) -> Vec<KafkaDelivery> {
-        let now = Instant::now();
-        let mut parked = lock(&self.shared.parked);
-        let mut out = Vec::new();
-        let mut i = 0;
-        while i < parked.len() && out.len() < max {
-            if parked[i].due <= now {
-                let p = parked.swap_remove(i);
-                lock(&self.shared.tracker).unpark(p.partition, p.offset);
-                let count = p.message.delivery_count().saturating_add(1);
+        self.shared
+            .take_due(Instant::now(), max)
+            .into_iter()
+            .map(|p| {
                 let m = &p.message;
-                out.push(KafkaDelivery {
+                KafkaDelivery {
                     message: Message::new(
                         self.topic.clone(),
                         m.payload().clone(),
                         Arc::new(m.headers().clone()),
                         m.key().map(Bytes::copy_from_slice),
                         m.position(),
-                        count,
+                        m.delivery_count().saturating_add(1),
                     ),
                     partition: p.partition,
                     offset: p.offset,
                     shared: self.shared.clone(),
                     settled: false,
-                });
-            } else {
-                i += 1;
-            }
-        }
-        out
+                }
+            })
+            .collect()
     }
 
     fn commit(&mut self, mode: CommitMode) {
@@ -264,6 +313,9 @@ impl Subscription for KafkaSubscription {
         max: usize,
         max_wait: Duration,
     ) -> Result<Vec<KafkaDelivery>, TransportError> {
+        if self.transport_closed.load(Ordering::Acquire) {
+            return Err(TransportError::Closed);
+        }
         if self.last_commit.elapsed() >= self.commit_interval {
             self.commit(CommitMode::Async);
         }
@@ -359,5 +411,81 @@ impl Delivery for KafkaDelivery {
     async fn in_progress(&self) -> Result<(), TransportError> {
         // Kafka has no per-message deadline; liveness is the consumer's poll loop.
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared() -> Shared {
+        Shared {
+            tracker: Mutex::new(OffsetTracker::new()),
+            parked: Mutex::new(Vec::new()),
+            drain_timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn message(offset: i64) -> Message {
+        Message::new(
+            Arc::from("t"),
+            Bytes::from_static(b"x"),
+            Arc::new(Headers::new()),
+            None,
+            Some(BrokerPosition {
+                partition: Some(0),
+                offset: offset as u64,
+            }),
+            1,
+        )
+    }
+
+    /// A nak (or a dropped delivery) while the revoke drains must not park the message for a
+    /// local redelivery: the partition now belongs to another member, which starts at the
+    /// uncommitted offset and delivers it itself.
+    #[test]
+    fn messages_settled_unhandled_during_a_revoke_are_left_to_the_next_owner() {
+        let s = shared();
+        {
+            let mut t = lock(&s.tracker);
+            t.assign(0);
+            t.assign(1);
+            t.fetched(0, 5);
+            t.fetched(0, 6);
+            t.fetched(1, 9);
+        }
+        let points = s.revoke(&[0], |busy| {
+            assert_eq!(busy(), 2, "both messages of partition 0 are being handled");
+            s.park(message(5), 0, 5, Duration::ZERO); // nak during the drain
+            s.park(message(6), 0, 6, Duration::ZERO); // dropped during the drain
+            assert_eq!(busy(), 0);
+        });
+        assert_eq!(points, vec![(0, 5)], "the next owner starts at offset 5");
+        assert!(
+            s.take_due(Instant::now() + Duration::from_secs(60), 10)
+                .is_empty(),
+            "no redelivery of a partition this member no longer owns"
+        );
+        // Partition 1 is still owned: its nak'ed message is redelivered here.
+        s.park(message(9), 1, 9, Duration::ZERO);
+        let due = s.take_due(Instant::now(), 10);
+        assert_eq!(due.iter().map(|p| p.offset).collect::<Vec<_>>(), vec![9]);
+    }
+
+    /// A message parked before a revoke and due after it is not handed out either.
+    #[test]
+    fn parked_messages_of_revoked_partitions_are_purged() {
+        let s = shared();
+        {
+            let mut t = lock(&s.tracker);
+            t.assign(2);
+            t.fetched(2, 1);
+        }
+        s.park(message(1), 2, 1, Duration::from_secs(30));
+        let points = s.revoke(&[2], |busy| assert_eq!(busy(), 0));
+        assert_eq!(points, vec![(2, 1)]);
+        assert!(s
+            .take_due(Instant::now() + Duration::from_secs(60), 10)
+            .is_empty());
     }
 }

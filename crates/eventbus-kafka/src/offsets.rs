@@ -14,6 +14,8 @@ struct PartitionOffsets {
     high: Option<i64>,
     /// Last commit point sent to the broker.
     committed: Option<i64>,
+    /// The partition is being given up: settle what runs, redeliver nothing locally.
+    revoking: bool,
 }
 
 impl PartitionOffsets {
@@ -51,6 +53,20 @@ impl OffsetTracker {
     /// Whether the partition is currently owned.
     pub fn owns(&self, partition: i32) -> bool {
         self.partitions.contains_key(&partition)
+    }
+
+    /// The partition is about to be revoked: it is still tracked until [`Self::revoke`], but
+    /// its messages are no longer redelivered locally.
+    pub fn begin_revoke(&mut self, partition: i32) {
+        if let Some(p) = self.partitions.get_mut(&partition) {
+            p.revoking = true;
+        }
+    }
+
+    /// Whether a nak'ed message of `partition` may be redelivered by this member: it owns the
+    /// partition and is not giving it up.
+    pub fn redelivers(&self, partition: i32) -> bool {
+        self.partitions.get(&partition).is_some_and(|p| !p.revoking)
     }
 
     /// A message was fetched (and handed to the dispatcher).

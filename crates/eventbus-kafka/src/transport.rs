@@ -1,6 +1,6 @@
 //! The Kafka transport: one idempotent producer per bus, topic provisioning, ACK futures.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -18,6 +18,8 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::ProducerContext;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+
+use tokio::sync::OnceCell;
 
 use crate::config::KafkaConfig;
 use crate::consumer::KafkaSubscription;
@@ -70,8 +72,9 @@ pub struct KafkaTransport {
     link: LinkState,
     admin: AdminClient<DefaultClientContext>,
     pub(crate) config: KafkaConfig,
-    provisioned: RwLock<HashSet<String>>,
-    closed: AtomicBool,
+    /// One provisioning per topic: concurrent first publishes wait for the one lookup.
+    topics: RwLock<HashMap<String, Arc<OnceCell<()>>>>,
+    closed: Arc<AtomicBool>,
 }
 
 pub(crate) fn kafka_error(context: &str, e: &KafkaError) -> TransportError {
@@ -112,7 +115,23 @@ async fn off_runtime<R: Send + 'static>(
 
 impl KafkaTransport {
     /// Creates the producer and admin client and checks that the cluster answers.
+    ///
+    /// Needs Tokio's multi-thread runtime: a consumer-group rebalance runs inside
+    /// librdkafka's poll and waits there for the revoked partitions' handlers to finish,
+    /// which a current-thread runtime cannot do while it is blocked. On a current-thread
+    /// runtime (the default of `#[tokio::test]`) this returns [`TransportError::Unsupported`].
     pub async fn connect(config: KafkaConfig) -> Result<Self, TransportError> {
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        if Handle::try_current().map(|h| h.runtime_flavor()).ok()
+            != Some(RuntimeFlavor::MultiThread)
+        {
+            return Err(TransportError::Unsupported(
+                "the Kafka backend needs Tokio's multi-thread runtime (a consumer-group rebalance \
+                 waits for running handlers inside librdkafka's poll); use \
+                 #[tokio::main] or #[tokio::test(flavor = \"multi_thread\")]"
+                    .into(),
+            ));
+        }
         let mut pc = config.base();
         let p = &config.producer;
         pc.set("enable.idempotence", "true")
@@ -151,22 +170,40 @@ impl KafkaTransport {
             link,
             admin,
             config,
-            provisioned: RwLock::new(HashSet::new()),
-            closed: AtomicBool::new(false),
+            topics: RwLock::new(HashMap::new()),
+            closed: Arc::new(AtomicBool::new(false)),
         })
     }
 
     /// Creates `topic` with the configured partitions and replication, or checks that the
     /// existing topic has the configured partition count.
+    /// Concurrent calls for one topic share a single lookup (and creation); a failed one is
+    /// tried again by the next call.
     pub async fn provision_topic(&self, topic: &str) -> Result<(), TransportError> {
-        if self
-            .provisioned
-            .read()
-            .map(|p| p.contains(topic))
-            .unwrap_or(false)
-        {
-            return Ok(());
-        }
+        let cell = {
+            let topics = self.topics.read().unwrap_or_else(|e| e.into_inner());
+            match topics.get(topic) {
+                Some(c) if c.initialized() => return Ok(()),
+                Some(c) => Some(c.clone()),
+                None => None,
+            }
+        };
+        let cell = match cell {
+            Some(c) => c,
+            None => self
+                .topics
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(topic.to_string())
+                .or_default()
+                .clone(),
+        };
+        cell.get_or_try_init(|| self.provision_once(topic))
+            .await
+            .map(|_| ())
+    }
+
+    async fn provision_once(&self, topic: &str) -> Result<(), TransportError> {
         let t = &self.config.topic;
         let partitions = match self.partition_count(topic).await? {
             Some(n) => n,
@@ -180,9 +217,6 @@ impl KafkaTransport {
                 "topic {topic} exists with {partitions} partitions, configured {}",
                 t.partitions
             )));
-        }
-        if let Ok(mut p) = self.provisioned.write() {
-            p.insert(topic.to_string());
         }
         Ok(())
     }
@@ -323,7 +357,10 @@ impl Transport for KafkaTransport {
             return Err(TransportError::Closed);
         }
         self.provision_topic(&spec.topic).await?;
-        KafkaSubscription::create(&self.config, spec)
+        if self.closed.load(Ordering::Acquire) {
+            return Err(TransportError::Closed);
+        }
+        KafkaSubscription::create(&self.config, spec, self.closed.clone())
     }
 
     fn health(&self) -> Health {

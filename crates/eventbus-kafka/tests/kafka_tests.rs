@@ -389,3 +389,70 @@ async fn task_count_is_the_same_at_1000_and_100000_envelopes() {
     println!("Kafka bus, peak tokio tasks: 1,000 envelopes -> {small}; 100,000 envelopes over 10,000 aggregates -> {large}");
     assert_eq!(small, large);
 }
+
+/// Once the transport is closed, a subscription's `fetch` says so instead of returning empty
+/// batches forever (a fetcher that missed the bus's own stop would otherwise spin on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_after_close_is_closed() {
+    use eventbus_core::{Subscription as _, SubscriptionSpec, Transport as _};
+    let t = KafkaTransport::connect(test_config(&brokers()))
+        .await
+        .expect("connect");
+    let mut sub = t
+        .subscribe(SubscriptionSpec {
+            topic: unique("kafka-closed"),
+            group: unique("grp"),
+        })
+        .await
+        .expect("subscribe");
+    t.close().await.expect("close");
+    let got = sub.fetch(10, Duration::from_millis(100)).await;
+    assert!(
+        matches!(got, Err(TransportError::Closed)),
+        "{:?}",
+        got.map(|b| b.len())
+    );
+    sub.close().await.expect("close subscription");
+}
+
+fn os_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .count()
+}
+
+/// 1,000 tasks publishing at once to 5 new topics provision each topic once: the OS thread
+/// count stays flat instead of one blocking metadata lookup (and thread) per first publish.
+/// Idle blocking-pool threads live 10 s, so the count right after the burst is its peak.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_publishes_to_new_topics_provision_each_topic_once() {
+    let bus = Arc::new(bus_with(test_config(&brokers()), kit_config()).await);
+    let topics: Vec<String> = (0..5).map(|i| unique(&format!("kafka-burst{i}"))).collect();
+    let before = os_threads();
+    let start = Arc::new(tokio::sync::Barrier::new(1_000));
+    let tasks: Vec<_> = (0..1_000)
+        .map(|i| {
+            let (bus, start, topic) = (bus.clone(), start.clone(), topics[i % 5].clone());
+            tokio::spawn(async move {
+                start.wait().await;
+                bus.publish(&topic, &b"x"[..]).await
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("task").expect("publish");
+    }
+    bus.flush().await.expect("flush");
+    let after = os_threads();
+    println!("Kafka bus, OS threads: {before} before 1,000 first publishes to 5 new topics, {after} after");
+    assert!(
+        after <= before + 8,
+        "OS threads grew from {before} to {after}: a metadata lookup per first publish?"
+    );
+    Arc::try_unwrap(bus)
+        .ok()
+        .expect("last reference")
+        .close()
+        .await
+        .expect("close");
+}

@@ -18,6 +18,10 @@ impl Backend for FacadeKafka {
         kafka.topic.partitions = 4;
         eventbus::connect(BackendConfig::Kafka(kafka), config).await
     }
+
+    fn supports_current_thread(&self) -> bool {
+        false
+    }
 }
 
 async fn backend() -> FacadeKafka {

@@ -37,6 +37,10 @@ impl Backend for Kafka {
         let t = KafkaTransport::connect(self.config.clone()).await?;
         Bus::new(t, config)
     }
+
+    fn supports_current_thread(&self) -> bool {
+        false
+    }
 }
 
 pub async fn backend() -> Kafka {
