@@ -342,7 +342,12 @@ impl<T: Transport> Bus<T> {
             }
             .into());
         }
-        let compression = compression.unwrap_or_else(|| cfg.compression_for(&topic));
+        let compression = if self.inner.transport.capabilities().native_compression {
+            // The client compresses whole batches: compressing payloads too would do it twice.
+            Compression::None
+        } else {
+            compression.unwrap_or_else(|| cfg.compression_for(&topic))
+        };
         let payload = codec::encode(
             payload,
             compression,

@@ -123,6 +123,22 @@ impl MemoryBroker {
             .unwrap_or(0)
     }
 
+    /// The messages stored in `topic`, partition by partition, as the broker holds them
+    /// (payloads still compressed when the publisher compressed them): for inspection.
+    pub fn messages(&self, topic: &str) -> Vec<(Headers, Bytes)> {
+        let topics = lock(&self.state.topics);
+        let Some(t) = topics.get(topic) else {
+            return Vec::new();
+        };
+        let state = lock(&t.state);
+        state
+            .partitions
+            .iter()
+            .flat_map(|p| p.log.iter())
+            .map(|s| (Headers::clone(&s.headers), s.payload.clone()))
+            .collect()
+    }
+
     fn topic(&self, name: &str) -> Arc<Topic> {
         let mut topics = lock(&self.state.topics);
         if let Some(t) = topics.get(name) {
@@ -511,6 +527,7 @@ impl Transport for MemoryTransport {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             partitioned_groups: true,
+            native_compression: false,
             publish_dedup: true,
         }
     }

@@ -33,6 +33,10 @@ pub struct Capabilities {
     pub partitioned_groups: bool,
     /// The broker itself drops a republished `event_id` and reports it as a duplicate.
     pub publish_dedup: bool,
+    /// The client compresses batches on the wire itself (Kafka's `compression.type`): the bus
+    /// then never compresses payloads, so nothing is compressed twice and other clients read
+    /// plain payloads. Without it the bus's [`crate::Compression`] applies per message.
+    pub native_compression: bool,
 }
 
 /// State of the connection to the broker.

@@ -51,7 +51,8 @@ impl Default for TopicSettings {
 /// Producer tuning.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProducerSettings {
-    /// `compression.type` (default `lz4`: native Kafka batch compression).
+    /// `compression.type` (default `lz4`: native Kafka batch compression). The only
+    /// compression on Kafka: the bus's own per-message `Compression` is not applied here.
     pub compression: String,
     /// `linger.ms` (default 5): a little batching at a small latency cost.
     pub linger_ms: u32,

@@ -318,6 +318,7 @@ impl Transport for KafkaTransport {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             partitioned_groups: true,
+            native_compression: true,
             publish_dedup: false,
         }
     }

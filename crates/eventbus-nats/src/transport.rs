@@ -293,6 +293,7 @@ impl Transport for NatsTransport {
             // Work sharing inside a group is a shared pull consumer: order across instances is
             // not guaranteed until the partitioned scale-out work lands.
             partitioned_groups: false,
+            native_compression: false,
             publish_dedup: true,
         }
     }

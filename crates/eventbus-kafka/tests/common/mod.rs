@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use eventbus_core::testkit::Backend;
+pub mod raw;
+
+use eventbus_core::testkit::{Backend, StoredMessage};
 use eventbus_core::{Bus, BusConfig, BusError};
 use eventbus_kafka::{KafkaConfig, KafkaTransport};
 
@@ -40,6 +42,13 @@ impl Backend for Kafka {
 
     fn supports_current_thread(&self) -> bool {
         false
+    }
+
+    async fn read_stored(&self, topic: &str, count: usize) -> Option<Vec<StoredMessage>> {
+        let (broker, topic) = (self.config.brokers.clone(), topic.to_string());
+        let partitions = self.config.topic.partitions;
+        let read = move || raw::stored(&broker, &topic, partitions, count);
+        Some(tokio::task::spawn_blocking(read).await.expect("raw read"))
     }
 }
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use eventbus_core::testkit::Backend;
+use eventbus_core::testkit::{Backend, StoredMessage};
 use eventbus_core::{Bus, BusConfig, BusError};
 use eventbus_nats::{NatsConfig, NatsTransport};
 
@@ -40,6 +40,32 @@ impl Backend for Nats {
         let t = NatsTransport::connect(self.config.clone()).await?;
         Bus::new(t, config)
     }
+
+    async fn read_stored(&self, topic: &str, count: usize) -> Option<Vec<StoredMessage>> {
+        Some(read_stream(&self.config, topic, count).await)
+    }
+}
+
+/// The first `count` messages of `topic`'s stream, read with a plain async-nats client.
+pub async fn read_stream(config: &NatsConfig, topic: &str, count: usize) -> Vec<StoredMessage> {
+    let client = async_nats::connect(nats_url()).await.expect("raw client");
+    let js = async_nats::jetstream::new(client);
+    let name = format!("{}{}", config.stream.name_prefix, topic.replace('.', "_"));
+    let stream = js.get_stream(&name).await.expect("the topic's stream");
+    let mut out = Vec::with_capacity(count);
+    for seq in 1..=count as u64 {
+        let m = stream.get_raw_message(seq).await.expect("stored message");
+        out.push(StoredMessage {
+            payload: m.payload,
+            headers: m
+                .headers
+                .iter()
+                .flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.to_string())))
+                .collect(),
+            batch_compression: None,
+        });
+    }
+    out
 }
 
 pub async fn backend() -> Nats {
