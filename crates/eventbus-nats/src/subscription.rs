@@ -16,11 +16,14 @@ use crate::transport::{headers_from, NatsTransport};
 
 /// At close, the pull stream is read for prefetched messages until it is quiet this long...
 const CLOSE_QUIET: Duration = Duration::from_millis(50);
-/// ...or this long in all.
+/// ...or this long in all...
 const CLOSE_HAND_BACK_LIMIT: Duration = Duration::from_secs(2);
+/// ...or until this many were collected (the rest of an open pull comes back after AckWait).
+const CLOSE_HAND_BACK_MAX: usize = 10_000;
 
 /// One member of a consumer group: a durable pull consumer named after the group.
 pub struct NatsSubscription {
+    client: async_nats::Client,
     consumer: PullConsumer,
     messages: Option<pull::Stream>,
     topic: Arc<str>,
@@ -79,6 +82,7 @@ impl NatsSubscription {
                 "existing consumer settings differ from the configuration; keeping the server's");
         }
         Ok(Self {
+            client: transport.client.clone(),
             consumer,
             messages: None,
             topic: Arc::from(spec.topic.as_str()),
@@ -167,22 +171,33 @@ impl Subscription for NatsSubscription {
 
     async fn release_prefetched(&mut self) {
         // What the client already pulled (and what the open pull request still brings) is
-        // nak'ed, so another member gets it now rather than after AckWait.
+        // nak'ed, so another member gets it now rather than after AckWait. The naks go out
+        // only after our pull subscription is gone from the server: a nak'ed message is
+        // redelivered at once to a waiting pull request, and while ours were still open it
+        // would come straight back to this closing member (and be lost to it until AckWait),
+        // as would every message the dispatcher hands back after this.
         let Some(mut stream) = self.messages.take() else {
             return;
         };
-        let mut handed_back = 0usize;
+        let mut prefetched = Vec::new();
         let limit = tokio::time::Instant::now() + CLOSE_HAND_BACK_LIMIT;
-        loop {
+        while prefetched.len() < CLOSE_HAND_BACK_MAX {
             let quiet = (tokio::time::Instant::now() + CLOSE_QUIET).min(limit);
             match tokio::time::timeout_at(quiet, stream.next()).await {
-                Ok(Some(Ok(m))) => {
-                    if let Err(e) = m.ack_with(AckKind::Nak(None)).await {
-                        tracing::debug!(error = %e, "nak of a prefetched message failed");
-                    }
-                    handed_back += 1;
-                }
+                Ok(Some(Ok(m))) => prefetched.push(m),
                 _ => break,
+            }
+        }
+        // Dropping the stream unsubscribes its inbox; the flush puts the UNSUB on the wire
+        // ahead of the naks, and the server skips pull requests nobody listens to.
+        drop(stream);
+        if let Err(e) = self.client.flush().await {
+            tracing::debug!(error = %e, "flush before handing back prefetched messages");
+        }
+        let handed_back = prefetched.len();
+        for m in prefetched {
+            if let Err(e) = m.ack_with(AckKind::Nak(None)).await {
+                tracing::debug!(error = %e, "nak of a prefetched message failed");
             }
         }
         tracing::debug!(topic = %self.topic, handed_back, "prefetched messages handed back");

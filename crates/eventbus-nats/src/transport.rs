@@ -25,6 +25,9 @@ use crate::subscription::NatsSubscription;
 const FIRST_REPUBLISH_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_REPUBLISH_BACKOFF: Duration = Duration::from_secs(2);
 
+/// How long `close` waits for the client to report its connection ended.
+const DISCONNECT_WAIT: Duration = Duration::from_secs(10);
+
 /// A client connection to a NATS server with JetStream. One per bus.
 pub struct NatsTransport {
     pub(crate) client: async_nats::Client,
@@ -35,6 +38,8 @@ pub struct NatsTransport {
     pub(crate) config: NatsConfig,
     provisioned: RwLock<HashSet<String>>,
     closed: AtomicBool,
+    /// Becomes true when the client reports its connection closed for good.
+    disconnected: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Strips `user:password@` from URLs so errors and logs never carry credentials.
@@ -53,11 +58,18 @@ impl NatsTransport {
     /// Connects (one connection) and sets up the JetStream context. Fails at once, with the
     /// address, if the server cannot be reached.
     pub async fn connect(config: NatsConfig) -> Result<Self, TransportError> {
+        let (disconnected_tx, disconnected) = tokio::sync::watch::channel(false);
+        let disconnected_tx = Arc::new(disconnected_tx);
         let mut opts = async_nats::ConnectOptions::new()
             .name(&config.name)
             .connection_timeout(config.connect_timeout)
-            .event_callback(|event| async move {
-                tracing::info!(%event, "nats connection event");
+            .event_callback(move |event| {
+                if matches!(event, async_nats::Event::Closed) {
+                    disconnected_tx.send_replace(true);
+                }
+                async move {
+                    tracing::info!(%event, "nats connection event");
+                }
             });
         opts = match &config.auth {
             Auth::None => opts,
@@ -105,6 +117,7 @@ impl NatsTransport {
             config,
             provisioned: RwLock::new(HashSet::new()),
             closed: AtomicBool::new(false),
+            disconnected,
         })
     }
 
@@ -393,12 +406,22 @@ impl Transport for NatsTransport {
             .flush()
             .await
             .map_err(|e| TransportError::Unavailable(format!("flush on close: {e}")));
-        if let Err(e) = self.client.drain().await {
-            tracing::debug!(error = %e, "drain on close");
-        }
         // Ends the client's ACK task (it lives as long as a context does).
         if let Ok(mut c) = self.context.write() {
             c.take();
+        }
+        match self.client.drain().await {
+            // The client's event task owns the callback holding the sender: the sender is
+            // dropped when the connection handler has drained, disconnected and ended, and the
+            // event task after it.
+            Ok(()) => {
+                let mut d = self.disconnected.clone();
+                let ended = async { while d.changed().await.is_ok() {} };
+                if tokio::time::timeout(DISCONNECT_WAIT, ended).await.is_err() {
+                    tracing::warn!("the NATS connection did not close within {DISCONNECT_WAIT:?}");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "drain on close"),
         }
         flushed
     }
