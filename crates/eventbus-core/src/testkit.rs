@@ -25,6 +25,7 @@ use crate::{
     headers, Bus, BusConfig, BusError, Compression, Envelope, HandlerError, Message, Publication,
     PublishResult, RetryPolicy, Transport, TransportError,
 };
+use crate::{Delivery as _, Subscription as _, SubscriptionSpec};
 
 /// The names of every case, in the order [`conformance_tests!`](crate::conformance_tests)
 /// runs them.
@@ -51,6 +52,7 @@ pub const CASES: &[&str] = &[
     "mixed_compressed_and_plain",
     "malformed_input_dead_letter",
     "bad_input_is_rejected",
+    "ack_settles_nak_redelivers",
     "current_thread_runtime",
 ];
 
@@ -1386,6 +1388,103 @@ pub async fn current_thread_runtime<B: Backend>(b: &B) {
     bus.close().await.expect("close");
 }
 
+/// Fetches from `sub` until `count` deliveries arrived; panics after the kit timeout.
+async fn fetch_n<S: crate::Subscription>(
+    sub: &mut S,
+    count: usize,
+    what: &str,
+) -> Vec<S::Delivery> {
+    let deadline = tokio::time::Instant::now() + kit_timeout();
+    let mut got = Vec::new();
+    while got.len() < count {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {:?} waiting for {what}: {} of {count} fetched",
+            kit_timeout(),
+            got.len()
+        );
+        got.extend(
+            sub.fetch(count - got.len(), Duration::from_millis(100))
+                .await
+                .expect("fetch"),
+        );
+    }
+    got
+}
+
+fn id_of<D: crate::Delivery>(d: &D) -> String {
+    d.message().event_id().unwrap_or_default().to_string()
+}
+
+/// The settlement contract, at the transport level: a nak'ed message comes back (its delivery
+/// count up), an acked one never does, neither to the same member nor to the next member of
+/// the group after a restart. "Never" is checked by a marker published afterwards on the same
+/// aggregate (one partition): everything before it has been delivered when it arrives.
+pub async fn ack_settles_nak_redelivers<B: Backend>(b: &B) {
+    let bus = connect(b, kit_config()).await;
+    let topic = unique("acknak");
+    let spec = SubscriptionSpec {
+        topic: topic.clone(),
+        group: unique("group"),
+    };
+    let events: Vec<Envelope> = (1..=10).map(|v| env("agg-an", v)).collect();
+    for e in &events {
+        bus.publish_envelope(&topic, e).await.expect("publish");
+    }
+    bus.flush().await.expect("flush");
+    let t = bus.transport();
+    let mut sub = t.subscribe(spec.clone()).await.expect("subscribe");
+    let first = fetch_n(&mut sub, 10, "the ten events").await;
+    let nacked = events[4].event_id.clone();
+    for d in first {
+        if id_of(&d) == nacked {
+            d.nak(Duration::ZERO).await.expect("nak");
+        } else {
+            d.ack().await.expect("ack");
+        }
+    }
+    let again = fetch_n(&mut sub, 1, "the nak'ed event again").await;
+    assert_eq!(id_of(&again[0]), nacked, "only the nak'ed event comes back");
+    assert!(
+        again[0].message().delivery_count() >= 2,
+        "a redelivery counts: {}",
+        again[0].message().delivery_count()
+    );
+    for d in again {
+        d.ack().await.expect("ack");
+    }
+    let marker = env("agg-an", 11);
+    bus.publish_envelope_and_wait(&topic, &marker)
+        .await
+        .expect("publish marker");
+    let next = fetch_n(&mut sub, 1, "the marker").await;
+    assert_eq!(id_of(&next[0]), marker.event_id, "an acked event came back");
+    for d in next {
+        d.ack().await.expect("ack");
+    }
+    sub.release_prefetched().await;
+    sub.close().await.expect("close the consumer");
+
+    // The next member of the group (a restart) gets nothing that was acked.
+    let restart_marker = env("agg-an", 12);
+    bus.publish_envelope_and_wait(&topic, &restart_marker)
+        .await
+        .expect("publish marker");
+    let mut sub = t.subscribe(spec).await.expect("subscribe again");
+    let after = fetch_n(&mut sub, 1, "the marker after the restart").await;
+    assert_eq!(
+        id_of(&after[0]),
+        restart_marker.event_id,
+        "an acked event was redelivered after a restart"
+    );
+    for d in after {
+        d.ack().await.expect("ack");
+    }
+    sub.release_prefetched().await;
+    sub.close().await.expect("close the consumer");
+    bus.close().await.expect("close");
+}
+
 /// Runs every conformance case as its own `#[tokio::test]`. `$make` is an `async fn()`
 /// returning the [`Backend`].
 #[macro_export]
@@ -1399,7 +1498,8 @@ macro_rules! conformance_tests {
             resume_after_restart, one_result_per_publish, dedup_by_event_id,
             close_while_publishing_loses_nothing, close_bounded_with_unread_results,
             subscribe_racing_close_leaves_nothing, compression_round_trip,
-            mixed_compressed_and_plain, malformed_input_dead_letter, bad_input_is_rejected);
+            mixed_compressed_and_plain, malformed_input_dead_letter, bad_input_is_rejected,
+            ack_settles_nak_redelivers);
         $crate::conformance_tests!(@current_thread $make; current_thread_runtime);
     };
     (@current_thread $make:path; $($case:ident),* $(,)?) => {
