@@ -528,16 +528,16 @@ pub async fn global_pool_delivery<B: Backend>(b: &B) {
     let group = unique("group");
     let rec = Recorder::default();
     let r = rec.clone();
-    let running = Arc::new(AtomicUsize::new(0));
-    let peak = Arc::new(AtomicUsize::new(0));
-    let (run, pk) = (running.clone(), peak.clone());
+    // The first two handlers meet at a barrier: they pass only if the pool runs them at once.
+    let together = Arc::new(tokio::sync::Barrier::new(2));
+    let started = Arc::new(AtomicUsize::new(0));
+    let (tg, st) = (together.clone(), started.clone());
     bus.subscribe(&topic, &group, move |m: Message| {
-        let (r, run, pk) = (r.clone(), run.clone(), pk.clone());
+        let (r, tg, st) = (r.clone(), tg.clone(), st.clone());
         async move {
-            let now = run.fetch_add(1, Ordering::SeqCst) + 1;
-            pk.fetch_max(now, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            run.fetch_sub(1, Ordering::SeqCst);
+            if st.fetch_add(1, Ordering::SeqCst) < 2 {
+                tg.wait().await;
+            }
             r.push(m);
             Ok(())
         }
@@ -559,10 +559,6 @@ pub async fn global_pool_delivery<B: Backend>(b: &B) {
         .collect();
     assert_eq!(seen, ids);
     assert!(got.iter().all(|m| m.aggregate_id().is_none()));
-    assert!(
-        peak.load(Ordering::SeqCst) >= 2,
-        "the global pool never ran two handlers at once"
-    );
     bus.close().await.expect("close");
 }
 
@@ -610,17 +606,27 @@ pub async fn retry_then_success<B: Backend>(b: &B) {
 /// A panicking handler is an error like any other: retried, the worker survives, later
 /// messages are handled in order.
 pub async fn panic_is_an_error<B: Backend>(b: &B) {
-    let bus = connect(b, kit_config()).await;
+    const KEYED: usize = 8;
+    let bus = connect(b, kit_config().with_keyed_workers(KEYED)).await;
     let topic = unique("panic");
     let group = unique("group");
     let rec: Recorder<Envelope> = Recorder::default();
     let panicked = Arc::new(AtomicUsize::new(0));
-    let (r, p) = (rec.clone(), panicked.clone());
+    // After the panic, one event on each of KEYED aggregates: their handlers meet at a
+    // barrier, which they pass only if all KEYED workers are still alive.
+    let all_workers = Arc::new(tokio::sync::Barrier::new(KEYED));
+    let (r, p, w) = (rec.clone(), panicked.clone(), all_workers.clone());
     bus.subscribe_envelope(&topic, &group, move |e: Envelope| {
-        let (r, p) = (r.clone(), p.clone());
+        let (r, p, w) = (r.clone(), p.clone(), w.clone());
         async move {
-            if e.event_version == 3 && p.fetch_add(1, Ordering::SeqCst) == 0 {
+            if e.aggregate_id == "agg-p"
+                && e.event_version == 3
+                && p.fetch_add(1, Ordering::SeqCst) == 0
+            {
                 panic!("kit: deliberate handler panic");
+            }
+            if e.aggregate_id.starts_with("agg-w") {
+                w.wait().await;
             }
             r.push(e);
             Ok(())
@@ -628,7 +634,6 @@ pub async fn panic_is_an_error<B: Backend>(b: &B) {
     })
     .await
     .expect("subscribe");
-    let workers_before = bus.metrics().workers;
     for v in 1..=5 {
         bus.publish_envelope(&topic, &env("agg-p", v))
             .await
@@ -638,11 +643,18 @@ pub async fn panic_is_an_error<B: Backend>(b: &B) {
     bus.publish_envelope(&topic, &env("agg-p", 6))
         .await
         .expect("publish");
-    let got = rec.wait_for(6, "the envelope after the panic").await;
+    rec.wait_for(6, "the envelope after the panic").await;
+    for w in 0..KEYED {
+        bus.publish_envelope(&topic, &env(&format!("agg-w{w}"), 1))
+            .await
+            .expect("publish");
+    }
+    let got = rec
+        .wait_for(6 + KEYED, "one event per worker, handled at the same time")
+        .await;
     assert_eq!(versions_of(&got, "agg-p"), vec![1, 2, 3, 4, 5, 6]);
     let m = bus.metrics();
     assert!(m.handler_panics >= 1, "{m:?}");
-    assert_eq!(m.workers, workers_before, "a worker died");
     bus.close().await.expect("close");
 }
 
@@ -975,25 +987,29 @@ pub async fn close_while_publishing_loses_nothing<B: Backend>(b: &B) {
     let mut stream = bus.results().expect("results");
     let accepted = Arc::new(Mutex::new(Vec::<String>::new()));
     let (pb, acc, t) = (bus.clone(), accepted.clone(), topic.clone());
+    let (mid_flow, started) = tokio::sync::oneshot::channel();
     let publisher = tokio::spawn(async move {
+        let mut mid_flow = Some(mid_flow);
         for v in 1..=20_000i64 {
             match pb
                 .publish_envelope(&t, &env(&format!("agg-{}", v % 16), v))
                 .await
             {
-                Ok(id) => acc.lock().unwrap_or_else(|e| e.into_inner()).push(id),
+                Ok(id) => {
+                    acc.lock().unwrap_or_else(|e| e.into_inner()).push(id);
+                    if v == 500 {
+                        if let Some(tx) = mid_flow.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                }
                 Err(BusError::Closed) => return true,
                 Err(e) => panic!("unexpected publish error {e}"),
             }
         }
         false
     });
-    loop {
-        if accepted.lock().unwrap_or_else(|e| e.into_inner()).len() >= 500 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    started.await.expect("500 publishes accepted");
     bus.close().await.expect("close");
     let refused = publisher.await.expect("publisher task");
     assert!(refused, "publishing went on after close");
