@@ -284,6 +284,14 @@ async fn backpressure_bounds_queue_depth() {
 /// Peak tokio tasks alive while `messages` envelopes over `aggregates` aggregates flow
 /// through a bus with a fixed configuration.
 async fn peak_tasks(messages: usize, aggregates: usize) -> usize {
+    // A task whose join handle was awaited may still count as alive for a few scheduler
+    // turns (tokio releases it after waking the joiner): let the previous bus's tasks go.
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while metrics.num_alive_tasks() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(metrics.num_alive_tasks(), 0, "tasks left from before");
     let bus = bus(BusConfig::default()
         .with_keyed_workers(16)
         .with_global_workers(4));
@@ -304,7 +312,6 @@ async fn peak_tasks(messages: usize, aggregates: usize) -> usize {
         let bus = bus.clone();
         async move { publish_versions(&bus, "flow", aggregates, versions).await }
     };
-    let metrics = tokio::runtime::Handle::current().metrics();
     let mut peak = 0;
     // Samples at least once: the publisher may finish without yielding, and the workers may
     // handle everything before the sampler is first polled.

@@ -22,6 +22,16 @@ use crate::transport::{Delivery, Transport};
 /// Longest error text copied into a dead letter's header.
 const MAX_ERROR_HEADER_BYTES: usize = 1024;
 
+/// How the retry layer ended.
+enum Outcome {
+    /// The handler succeeded.
+    Handled,
+    /// Permanent failure or attempts exhausted: dead-letter it.
+    GaveUp { error: HandlerError, attempts: u32 },
+    /// The subscription is stopping: hand the message back.
+    Stopped,
+}
+
 /// Shared by every worker of a bus.
 pub(crate) struct WorkerContext<T: Transport> {
     pub(crate) publisher: Arc<Publisher<T>>,
@@ -51,23 +61,11 @@ impl<T: Transport> WorkerContext<T> {
     }
 
     async fn handle(&self, delivery: DeliveryOf<T>, route: &Route) {
-        let raw = delivery.message();
-        let msg = match codec::decode(raw.payload(), raw.headers(), self.max_message_bytes) {
-            Ok(payload) if raw.headers().get(headers::CONTENT_ENCODING).is_some() => {
-                raw.with_decoded(payload)
-            }
-            Ok(_) => raw.clone(),
-            Err(e) => {
-                Metrics::inc(&self.metrics.malformed);
-                return self
-                    .dead_letter(delivery, route, &HandlerError::codec(e), 0)
-                    .await;
-            }
+        let msg = match self.decode(delivery.message()) {
+            Ok(msg) => msg,
+            Err(e) => return self.dead_letter(delivery, route, &e, 0).await,
         };
-        let key = msg
-            .event_id()
-            .filter(|_| self.dedup.is_some())
-            .map(|id| DedupKey::new(route.id, id));
+        let key = self.dedup_key(route, &msg);
         if let (Some(k), Some(seen)) = (&key, &self.dedup) {
             if seen.contains(k) {
                 Metrics::inc(&self.metrics.deduplicated);
@@ -75,37 +73,76 @@ impl<T: Transport> WorkerContext<T> {
                 return self.settle("ack", delivery.ack().await);
             }
         }
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.run_handler(route, msg.clone(), &delivery).await {
-                Ok(()) => {
-                    Metrics::inc(&self.metrics.handled);
-                    if let (Some(k), Some(seen)) = (key, &self.dedup) {
-                        seen.insert(k);
-                    }
-                    return self.settle("ack", delivery.ack().await);
+        match self.retry_in_place(route, msg, &delivery).await {
+            Outcome::Handled => {
+                Metrics::inc(&self.metrics.handled);
+                if let (Some(k), Some(seen)) = (key, &self.dedup) {
+                    seen.insert(k);
                 }
-                Err(err) => {
-                    Metrics::inc(&self.metrics.handler_errors);
-                    match err.kind() {
-                        FailureKind::Panic => Metrics::inc(&self.metrics.handler_panics),
-                        FailureKind::Malformed => Metrics::inc(&self.metrics.malformed),
-                        _ => {}
-                    }
-                    if err.is_permanent() || attempt >= self.retry.max_attempts {
-                        return self.dead_letter(delivery, route, &err, attempt).await;
-                    }
-                    if !route.is_running() {
-                        // Stopping: no more waiting; the broker redelivers it, in order.
-                        return self.settle("nak", delivery.nak(Duration::ZERO).await);
-                    }
-                    Metrics::inc(&self.metrics.retries);
-                    tracing::debug!(topic = %route.topic, attempt, error = %err, "handler failed; retrying in place");
-                    self.wait_keeping_alive(&delivery, self.retry.backoff(attempt))
-                        .await;
-                }
+                self.settle("ack", delivery.ack().await);
             }
+            Outcome::GaveUp { error, attempts } => {
+                self.dead_letter(delivery, route, &error, attempts).await
+            }
+            // Stopping: no more waiting; the broker redelivers it, in order.
+            Outcome::Stopped => self.settle("nak", delivery.nak(Duration::ZERO).await),
+        }
+    }
+
+    /// Decoding layer: the payload as the handler sees it (decompressed, encoding header
+    /// gone). A corrupt frame is a permanent failure.
+    fn decode(&self, raw: &Message) -> Result<Message, HandlerError> {
+        match codec::decode(raw.payload(), raw.headers(), self.max_message_bytes) {
+            Ok(payload) if raw.headers().get(headers::CONTENT_ENCODING).is_some() => {
+                Ok(raw.with_decoded(payload))
+            }
+            Ok(_) => Ok(raw.clone()),
+            Err(e) => {
+                Metrics::inc(&self.metrics.malformed);
+                Err(HandlerError::codec(e))
+            }
+        }
+    }
+
+    /// Dedup layer: the key a handled message is remembered by (`None`: dedup off, or no id).
+    fn dedup_key(&self, route: &Route, msg: &Message) -> Option<DedupKey> {
+        msg.event_id()
+            .filter(|_| self.dedup.is_some())
+            .map(|id| DedupKey::new(route.id, id))
+    }
+
+    /// Retry layer: runs the handler until it succeeds, fails permanently, runs out of
+    /// attempts, or the subscription stops; waits the policy's backoff in between, keeping
+    /// the broker's ack deadline alive.
+    async fn retry_in_place(
+        &self,
+        route: &Route,
+        msg: Message,
+        delivery: &DeliveryOf<T>,
+    ) -> Outcome {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let error = match self.run_handler(route, msg.clone(), delivery).await {
+                Ok(()) => return Outcome::Handled,
+                Err(error) => error,
+            };
+            Metrics::inc(&self.metrics.handler_errors);
+            match error.kind() {
+                FailureKind::Panic => Metrics::inc(&self.metrics.handler_panics),
+                FailureKind::Malformed => Metrics::inc(&self.metrics.malformed),
+                _ => {}
+            }
+            if error.is_permanent() || attempts >= self.retry.max_attempts {
+                return Outcome::GaveUp { error, attempts };
+            }
+            if !route.is_running() {
+                return Outcome::Stopped;
+            }
+            Metrics::inc(&self.metrics.retries);
+            tracing::debug!(topic = %route.topic, attempts, error = %error, "handler failed; retrying in place");
+            self.wait_keeping_alive(delivery, self.retry.backoff(attempts))
+                .await;
         }
     }
 
