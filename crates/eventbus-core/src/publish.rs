@@ -273,7 +273,15 @@ impl<T: Transport> Publisher<T> {
                 ack,
             })
             .await
-            .map_err(|_| BusError::Closed)
+            .map_err(|_| {
+                // The broker client took the message, but close() already gave up on pending
+                // ACKs: whether it is stored is unknown, which is not "closed" (= not sent).
+                BusError::Transport(TransportError::Timeout(
+                    "sent after the close deadline; its ACK was not awaited: the message may or \
+                     may not be stored (publish it again with the same event id)"
+                        .into(),
+                ))
+            })
     }
 
     /// Publishes and waits for the broker's answer.
@@ -417,5 +425,96 @@ async fn collect_acks<T: Transport>(
     // Dropping the stream sender ends a reader's `recv` loop once it has every result.
     if let Ok(mut slot) = sinks.stream.lock() {
         slot.take();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::sync::{Notify, Semaphore};
+
+    use crate::memory::{MemoryBroker, MemoryTransport};
+    use crate::{Bus, BusConfig, BusError, Transport, TransportError};
+
+    /// Hands the message to the memory broker, then holds the ACK future back until the test
+    /// opens the gate: a send that outlives the close deadline.
+    struct SlowSend {
+        inner: MemoryTransport,
+        entered: Arc<Notify>,
+        gate: Arc<Semaphore>,
+    }
+
+    impl Transport for SlowSend {
+        type Ack = <MemoryTransport as Transport>::Ack;
+        type Subscription = <MemoryTransport as Transport>::Subscription;
+
+        fn backend(&self) -> &'static str {
+            "memory-slow-send"
+        }
+
+        fn capabilities(&self) -> crate::Capabilities {
+            self.inner.capabilities()
+        }
+
+        async fn send(&self, m: crate::OutgoingMessage) -> Result<Self::Ack, TransportError> {
+            let ack = self.inner.send(m).await?;
+            self.entered.notify_one();
+            let _open = self.gate.acquire().await;
+            Ok(ack)
+        }
+
+        async fn subscribe(
+            &self,
+            spec: crate::SubscriptionSpec,
+        ) -> Result<Self::Subscription, TransportError> {
+            self.inner.subscribe(spec).await
+        }
+
+        fn health(&self) -> crate::Health {
+            self.inner.health()
+        }
+
+        async fn close(&self) -> Result<(), TransportError> {
+            self.inner.close().await
+        }
+    }
+
+    /// A publish whose message reached the broker client but whose ACK could no longer be
+    /// awaited (close gave up on it) must not say `Closed` (= not sent): the caller is told
+    /// the outcome is unknown, like a timeout, and retries idempotently by event id.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_publish_sent_after_the_close_deadline_is_reported_unknown_not_closed() {
+        let broker = MemoryBroker::new();
+        let entered = Arc::new(Notify::new());
+        let gate = Arc::new(Semaphore::new(0));
+        let t = SlowSend {
+            inner: broker.transport(),
+            entered: entered.clone(),
+            gate: gate.clone(),
+        };
+        let bus = Bus::new(
+            t,
+            BusConfig::default().with_close_timeout(Duration::from_millis(200)),
+        )
+        .expect("bus");
+        let b = bus.clone();
+        let publish = tokio::spawn(async move { b.publish("slow", &b"x"[..]).await });
+        entered.notified().await;
+        let closed = bus.close().await;
+        assert!(
+            matches!(closed, Err(BusError::FlushTimeout { pending: 1, .. })),
+            "{closed:?}"
+        );
+        gate.add_permits(1);
+        let outcome = publish.await.expect("publish task");
+        assert_eq!(broker.stored("slow"), 1, "the message did reach the broker");
+        match outcome {
+            Err(BusError::Transport(TransportError::Timeout(m))) => {
+                assert!(m.contains("may or may not"), "{m}")
+            }
+            other => panic!("expected an unknown outcome (timeout), got {other:?}"),
+        }
     }
 }

@@ -68,8 +68,8 @@ async fn publish_versions(bus: &Bus<MemoryTransport>, topic: &str, aggs: usize, 
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn order_per_aggregate_1000_aggregates_x_100_events() {
+async fn order_per_aggregate(aggregates: usize, versions: i64) {
+    let total = aggregates * versions as usize;
     let bus = bus(BusConfig::default());
     let check = Arc::new(OrderCheck::default());
     let c = check.clone();
@@ -85,16 +85,26 @@ async fn order_per_aggregate_1000_aggregates_x_100_events() {
     })
     .await
     .expect("subscribe");
-    publish_versions(&bus, "orders", 1000, 100).await;
-    wait_until("100,000 envelopes", || {
-        check.seen.load(Ordering::Relaxed) == 100_000
+    publish_versions(&bus, "orders", aggregates, versions).await;
+    wait_until("every envelope", || {
+        check.seen.load(Ordering::Relaxed) == total
     })
     .await;
     assert_eq!(check.violations.load(Ordering::Relaxed), 0);
     let m = bus.metrics();
-    assert_eq!(m.handled, 100_000);
+    assert_eq!(m.handled, total as u64);
     assert_eq!(m.deduplicated, 0);
     bus.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_per_aggregate_1000_aggregates_x_100_events() {
+    order_per_aggregate(1_000, 100).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_per_aggregate_10000_aggregates_x_10_events() {
+    order_per_aggregate(10_000, 10).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
