@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use common::{nats_url, Nats, OwnServer};
 use eventbus_core::testkit::{
-    kit_config, ordering_violations, peak_tasks_during_flow, unique, Backend, Recorder,
+    connection_lost_and_back, kit_config, ordering_violations, peak_tasks_during_flow, unique,
+    Backend, Outage, Recorder,
 };
 use eventbus_core::{
     headers, Bus, BusConfig, BusError, ConnectionState, Envelope, Publication, TransportError,
@@ -380,4 +381,36 @@ async fn close_hands_prefetched_messages_back_before_ack_wait() {
         .await;
     assert!(items.len() >= EVENTS - blocked.len());
     second.close().await.expect("close");
+}
+
+/// A nats-server of the test's own, killed (SIGKILL) and restarted on the same store.
+struct ServerOutage<'a>(&'a mut OwnServer);
+
+impl Outage for ServerOutage<'_> {
+    async fn cut(&mut self) {
+        self.0.kill();
+    }
+    async fn restore(&mut self) {
+        self.0.restart();
+    }
+}
+
+/// The kit's outage case: the server is killed and comes back on its store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_lost_and_back_loses_nothing() {
+    let store = std::env::temp_dir().join(format!("eventbus-nats-outage-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&store);
+    let mut server = OwnServer::start(&store);
+    let mut cfg = NatsConfig::new(server.url()).with_ack_wait(Duration::from_secs(3));
+    cfg.publish_ack_timeout = Duration::from_secs(2);
+    cfg.publish_retries = 30;
+    let bus = Bus::new(
+        NatsTransport::connect(cfg).await.expect("connect"),
+        kit_config(),
+    )
+    .expect("bus");
+    connection_lost_and_back(&bus, &mut ServerOutage(&mut server)).await;
+    bus.close().await.expect("close");
+    drop(server);
+    let _ = std::fs::remove_dir_all(&store);
 }

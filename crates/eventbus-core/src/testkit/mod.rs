@@ -32,6 +32,7 @@ mod failures;
 mod groups;
 mod lifecycle;
 mod ordering;
+mod outage;
 mod recorder;
 
 pub use compression::*;
@@ -40,6 +41,7 @@ pub use failures::*;
 pub use groups::*;
 pub use lifecycle::*;
 pub use ordering::*;
+pub use outage::{connection_lost_and_back, Outage};
 pub use recorder::Recorder;
 
 /// The names of every case, in the order [`conformance_tests!`](crate::conformance_tests)
