@@ -607,9 +607,9 @@ impl<T: Transport> Bus<T> {
         }
         let closed = match tokio::time::timeout(deadline, self.inner.transport.close()).await {
             Ok(r) => r,
-            Err(_) => Err(TransportError::Timeout(format!(
-                "the transport did not disconnect within {deadline:?}"
-            ))),
+            Err(_) => Err(TransportError::Timeout(
+                format!("the transport did not disconnect within {deadline:?}").into(),
+            )),
         };
         self.inner.life().state = State::Closed;
         self.inner.closed.send_replace(true);

@@ -1,22 +1,114 @@
 //! Error types of the core crate.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::codec::CodecError;
 use crate::envelope::EnvelopeError;
 
+/// The text of a [`TransportError`], with the broker client's own error kept as its source
+/// (reachable through [`std::error::Error::source`] on the `TransportError`). Compares by
+/// text; derefs to `str`.
+#[derive(Clone)]
+pub struct ErrorDetail {
+    text: String,
+    source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl ErrorDetail {
+    /// Text only.
+    pub fn new(text: impl Into<String>) -> Self {
+        Self {
+            text: text.into(),
+            source: None,
+        }
+    }
+
+    /// Text and the client error behind it.
+    pub fn with_source(
+        text: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            text: text.into(),
+            source: Some(Arc::new(source)),
+        }
+    }
+
+    /// Text and an already boxed client error (clients such as async-nats return these).
+    pub fn with_boxed_source(
+        text: impl Into<String>,
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    ) -> Self {
+        Self {
+            text: text.into(),
+            source: Some(Arc::from(source)),
+        }
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The client error behind it, if kept.
+    pub fn source(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {
+        self.source.as_deref()
+    }
+}
+
+impl std::ops::Deref for ErrorDetail {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.text
+    }
+}
+
+impl std::fmt::Display for ErrorDetail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl std::fmt::Debug for ErrorDetail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.source {
+            None => write!(f, "{:?}", self.text),
+            Some(s) => write!(f, "{:?} (source: {s:?})", self.text),
+        }
+    }
+}
+
+impl PartialEq for ErrorDetail {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for ErrorDetail {}
+
+impl From<String> for ErrorDetail {
+    fn from(text: String) -> Self {
+        Self::new(text)
+    }
+}
+
+impl From<&str> for ErrorDetail {
+    fn from(text: &str) -> Self {
+        Self::new(text)
+    }
+}
+
 /// What a transport (a broker client) reports. `Clone` because one publish outcome goes to the
-/// callback, the results stream and an awaiting caller.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// callback, the results stream and an awaiting caller. Where a broker client's error caused
+/// it, that error is kept as the [`std::error::Error::source`].
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TransportError {
     /// The broker cannot be reached.
-    #[error("broker unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(ErrorDetail),
     /// The broker did not answer in time.
-    #[error("timed out: {0}")]
-    Timeout(String),
+    Timeout(ErrorDetail),
     /// The topic name is not allowed.
-    #[error("invalid topic {topic:?}: {reason}")]
     InvalidTopic {
         /// The rejected name.
         topic: String,
@@ -24,7 +116,6 @@ pub enum TransportError {
         reason: String,
     },
     /// A header name or value cannot be carried by every broker.
-    #[error("invalid header {name:?}: {reason}")]
     InvalidHeader {
         /// The header name.
         name: String,
@@ -32,7 +123,6 @@ pub enum TransportError {
         reason: String,
     },
     /// The message is larger than the limit.
-    #[error("message of {actual} bytes exceeds the limit of {limit} bytes")]
     PayloadTooLarge {
         /// Size in bytes.
         actual: usize,
@@ -40,20 +130,43 @@ pub enum TransportError {
         limit: usize,
     },
     /// The broker refused the message or request.
-    #[error("rejected by the broker: {0}")]
-    Rejected(String),
+    Rejected(ErrorDetail),
     /// A stream, topic or consumer could not be created or does not match the configuration.
-    #[error("provisioning failed: {0}")]
-    Provisioning(String),
+    Provisioning(ErrorDetail),
     /// The transport or subscription is closed.
-    #[error("closed")]
     Closed,
     /// The backend cannot work in this environment (for example on a current-thread runtime).
-    #[error("unsupported: {0}")]
-    Unsupported(String),
+    Unsupported(ErrorDetail),
     /// Anything else the client reported.
-    #[error("{0}")]
-    Other(String),
+    Other(ErrorDetail),
+}
+
+impl std::fmt::Display for TransportError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unavailable(d) => write!(f, "broker unavailable: {d}"),
+            Self::Timeout(d) => write!(f, "timed out: {d}"),
+            Self::InvalidTopic { topic, reason } => write!(f, "invalid topic {topic:?}: {reason}"),
+            Self::InvalidHeader { name, reason } => write!(f, "invalid header {name:?}: {reason}"),
+            Self::PayloadTooLarge { actual, limit } => write!(
+                f,
+                "message of {actual} bytes exceeds the limit of {limit} bytes"
+            ),
+            Self::Rejected(d) => write!(f, "rejected by the broker: {d}"),
+            Self::Provisioning(d) => write!(f, "provisioning failed: {d}"),
+            Self::Closed => f.write_str("closed"),
+            Self::Unsupported(d) => write!(f, "unsupported: {d}"),
+            Self::Other(d) => write!(f, "{d}"),
+        }
+    }
+}
+
+impl std::error::Error for TransportError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.detail()
+            .and_then(|d| d.source.as_deref())
+            .map(|s| s as &(dyn std::error::Error + 'static))
+    }
 }
 
 /// What kind of [`TransportError`] occurred, without its details: for matching and metrics.
@@ -103,6 +216,19 @@ impl TransportError {
             Self::Closed => TransportErrorKind::Closed,
             Self::Unsupported(_) => TransportErrorKind::Unsupported,
             Self::Other(_) => TransportErrorKind::Other,
+        }
+    }
+
+    /// The text and kept source of the variants that carry one.
+    pub fn detail(&self) -> Option<&ErrorDetail> {
+        match self {
+            Self::Unavailable(d)
+            | Self::Timeout(d)
+            | Self::Rejected(d)
+            | Self::Provisioning(d)
+            | Self::Unsupported(d)
+            | Self::Other(d) => Some(d),
+            _ => None,
         }
     }
 
@@ -329,5 +455,29 @@ impl From<EnvelopeError> for HandlerError {
 impl From<Box<dyn std::error::Error + Send + Sync>> for HandlerError {
     fn from(e: Box<dyn std::error::Error + Send + Sync>) -> Self {
         Self::retryable(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn the_client_error_is_kept_as_the_source() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = TransportError::Unavailable(ErrorDetail::with_source("cannot connect", io));
+        assert_eq!(e.to_string(), "broker unavailable: cannot connect");
+        let source = e.source().expect("source kept");
+        let io = source
+            .downcast_ref::<std::io::Error>()
+            .expect("the original type");
+        assert_eq!(io.kind(), std::io::ErrorKind::ConnectionRefused);
+        // Through the bus error too.
+        let b = BusError::from(e.clone());
+        assert!(b.source().is_some());
+        // Equality is by text: a result compared in tests need not carry the source.
+        assert_eq!(e, TransportError::Unavailable("cannot connect".into()));
+        assert!(TransportError::Closed.source().is_none());
     }
 }

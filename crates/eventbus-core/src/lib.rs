@@ -45,7 +45,9 @@ pub use config::{
 };
 pub use consume::SubscriptionHandle;
 pub use envelope::{new_event_id, Envelope, EnvelopeError};
-pub use error::{BusError, BusErrorKind, HandlerError, TransportError, TransportErrorKind};
+pub use error::{
+    BusError, BusErrorKind, ErrorDetail, HandlerError, TransportError, TransportErrorKind,
+};
 pub use handler::{EnvelopeHandler, Handler};
 pub use headers::Headers;
 pub use message::{BrokerPosition, Message, OutgoingMessage};

@@ -307,9 +307,9 @@ impl<T: Transport> Publisher<T> {
         let sent = async { self.transport.send(msg).await?.await };
         match tokio::time::timeout(timeout, sent).await {
             Ok(r) => r,
-            Err(_) => Err(TransportError::Timeout(format!(
-                "no broker ACK for a publish to {topic} within {timeout:?}"
-            ))),
+            Err(_) => Err(TransportError::Timeout(
+                format!("no broker ACK for a publish to {topic} within {timeout:?}").into(),
+            )),
         }
     }
 

@@ -214,7 +214,7 @@ impl KafkaSubscription {
                 shared: shared.clone(),
                 topic: topic.clone(),
             })
-            .map_err(|e| TransportError::Other(format!("consumer configuration: {e}")))?;
+            .map_err(|e| TransportError::Other(format!("consumer configuration: {e}").into()))?;
         consumer
             .subscribe(&[&spec.topic])
             .map_err(|e| kafka_error(&format!("subscribe to {}", spec.topic), &e))?;

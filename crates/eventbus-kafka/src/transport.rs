@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use eventbus_core::{
-    BrokerPosition, Capabilities, ConnectionState, Health, OutgoingMessage, Receipt,
+    BrokerPosition, Capabilities, ConnectionState, ErrorDetail, Health, OutgoingMessage, Receipt,
     SubscriptionSpec, Transport, TransportError,
 };
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -78,18 +78,19 @@ pub struct KafkaTransport {
 }
 
 pub(crate) fn kafka_error(context: &str, e: &KafkaError) -> TransportError {
-    let text = format!("{context}: {e}");
+    // The librdkafka error stays reachable as the error's source.
+    let detail = ErrorDetail::with_source(format!("{context}: {e}"), e.clone());
     match e.rdkafka_error_code() {
-        Some(RDKafkaErrorCode::MessageSizeTooLarge) => TransportError::Rejected(text),
+        Some(RDKafkaErrorCode::MessageSizeTooLarge) => TransportError::Rejected(detail),
         Some(RDKafkaErrorCode::UnknownTopicOrPartition)
-        | Some(RDKafkaErrorCode::TopicAuthorizationFailed) => TransportError::Rejected(text),
+        | Some(RDKafkaErrorCode::TopicAuthorizationFailed) => TransportError::Rejected(detail),
         Some(RDKafkaErrorCode::MessageTimedOut) | Some(RDKafkaErrorCode::OperationTimedOut) => {
-            TransportError::Timeout(text)
+            TransportError::Timeout(detail)
         }
         Some(RDKafkaErrorCode::AllBrokersDown) | Some(RDKafkaErrorCode::BrokerTransportFailure) => {
-            TransportError::Unavailable(text)
+            TransportError::Unavailable(detail)
         }
-        _ => TransportError::Other(text),
+        _ => TransportError::Other(detail),
     }
 }
 
@@ -110,7 +111,7 @@ async fn off_runtime<R: Send + 'static>(
 ) -> Result<R, TransportError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| TransportError::Other(format!("blocking librdkafka call failed: {e}")))
+        .map_err(|e| TransportError::Other(format!("blocking librdkafka call failed: {e}").into()))
 }
 
 impl KafkaTransport {
@@ -150,20 +151,19 @@ impl KafkaTransport {
         let link = events.link.clone();
         let producer: FutureProducer<ProducerEvents> = pc
             .create_with_context(events)
-            .map_err(|e| TransportError::Other(format!("producer configuration: {e}")))?;
+            .map_err(|e| TransportError::Other(format!("producer configuration: {e}").into()))?;
         let admin: AdminClient<DefaultClientContext> = config
             .base()
             .create()
-            .map_err(|e| TransportError::Other(format!("admin configuration: {e}")))?;
+            .map_err(|e| TransportError::Other(format!("admin configuration: {e}").into()))?;
         let timeout = config.request_timeout;
         let probe = producer.clone();
         off_runtime(move || probe.client().fetch_metadata(None, timeout).map(|_| ()))
             .await?
             .map_err(|e| {
-                TransportError::Unavailable(format!(
-                    "cannot reach Kafka at {}: {e}",
-                    config.brokers
-                ))
+                TransportError::Unavailable(
+                    format!("cannot reach Kafka at {}: {e}", config.brokers).into(),
+                )
             })?;
         Ok(Self {
             producer,
@@ -213,10 +213,13 @@ impl KafkaTransport {
             }
         };
         if partitions != t.partitions as usize {
-            return Err(TransportError::Provisioning(format!(
-                "topic {topic} exists with {partitions} partitions, configured {}",
-                t.partitions
-            )));
+            return Err(TransportError::Provisioning(
+                format!(
+                    "topic {topic} exists with {partitions} partitions, configured {}",
+                    t.partitions
+                )
+                .into(),
+            ));
         }
         Ok(())
     }
@@ -238,9 +241,9 @@ impl KafkaTransport {
             match r {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                 Err((name, code)) => {
-                    return Err(TransportError::Provisioning(format!(
-                        "create topic {name}: {code}"
-                    )))
+                    return Err(TransportError::Provisioning(
+                        format!("create topic {name}: {code}").into(),
+                    ))
                 }
             }
         }
@@ -255,9 +258,12 @@ impl KafkaTransport {
                 return Ok(n);
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(TransportError::Provisioning(format!(
-                    "topic {topic} was created but does not appear in the cluster metadata"
-                )));
+                return Err(TransportError::Provisioning(
+                    format!(
+                        "topic {topic} was created but does not appear in the cluster metadata"
+                    )
+                    .into(),
+                ));
             }
             tokio::time::sleep(TOPIC_METADATA_POLL).await;
         }
@@ -384,5 +390,27 @@ impl Transport for KafkaTransport {
         off_runtime(move || producer.flush(timeout))
             .await?
             .map_err(|e| kafka_error("flush on close", &e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn librdkafka_errors_are_kept_as_the_source() {
+        let e = kafka_error(
+            "delivery",
+            &KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut),
+        );
+        assert!(matches!(e, TransportError::Timeout(_)), "{e:?}");
+        let source = e.source().expect("source kept");
+        assert!(matches!(
+            source.downcast_ref::<KafkaError>(),
+            Some(KafkaError::MessageProduction(
+                RDKafkaErrorCode::MessageTimedOut
+            ))
+        ));
     }
 }

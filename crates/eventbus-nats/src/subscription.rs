@@ -7,7 +7,7 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsum
 use async_nats::jetstream::message::AckKind;
 use async_nats::jetstream::{self};
 use eventbus_core::{
-    BrokerPosition, Delivery, Message, Subscription, SubscriptionSpec, TransportError,
+    BrokerPosition, Delivery, ErrorDetail, Message, Subscription, SubscriptionSpec, TransportError,
 };
 use futures_util::{FutureExt, StreamExt};
 
@@ -40,7 +40,9 @@ impl NatsSubscription {
             .jetstream()?
             .get_stream(&stream_name)
             .await
-            .map_err(|e| TransportError::Provisioning(format!("stream {stream_name}: {e}")))?;
+            .map_err(|e| {
+                TransportError::Provisioning(format!("stream {stream_name}: {e}").into())
+            })?;
         let c = &transport.config.consumer;
         let filter = subject(&spec.topic).to_string();
         let wanted = pull::Config {
@@ -59,23 +61,25 @@ impl NatsSubscription {
             .get_or_create_consumer(&spec.group, wanted)
             .await
             .map_err(|e| {
-                TransportError::Provisioning(format!(
-                    "consumer {} on stream {stream_name}: {e}",
-                    spec.group
-                ))
+                TransportError::Provisioning(
+                    format!("consumer {} on stream {stream_name}: {e}", spec.group).into(),
+                )
             })?;
         let have = &consumer.cached_info().config;
         if have.ack_policy != AckPolicy::Explicit {
             return Err(TransportError::Provisioning(format!(
                 "consumer {} on {stream_name} exists with ack policy {:?}; eventbus needs explicit acks",
                 spec.group, have.ack_policy
-            )));
+            ).into()));
         }
         if !have.filter_subject.is_empty() && have.filter_subject != filter {
-            return Err(TransportError::Provisioning(format!(
-                "consumer {} on {stream_name} filters {:?}, not {filter:?}",
-                spec.group, have.filter_subject
-            )));
+            return Err(TransportError::Provisioning(
+                format!(
+                    "consumer {} on {stream_name} filters {:?}, not {filter:?}",
+                    spec.group, have.filter_subject
+                )
+                .into(),
+            ));
         }
         if have.ack_wait != c.ack_wait || have.max_ack_pending != c.max_ack_pending {
             tracing::warn!(consumer = %spec.group, stream = %stream_name,
@@ -131,7 +135,9 @@ impl Subscription for NatsSubscription {
                 .expires(self.pull_expires)
                 .messages()
                 .await
-                .map_err(|e| TransportError::Unavailable(format!("pull: {e}")))?;
+                .map_err(|e| {
+                    TransportError::Unavailable(ErrorDetail::with_source(format!("pull: {e}"), e))
+                })?;
             self.messages = Some(stream);
         }
         let Some(stream) = self.messages.as_mut() else {
@@ -146,7 +152,10 @@ impl Subscription for NatsSubscription {
             Ok(Some(Err(e))) => {
                 // The stream reports and recovers (missed heartbeats across a reconnect);
                 // it is rebuilt only if it ends.
-                return Err(TransportError::Unavailable(format!("pull: {e}")));
+                return Err(TransportError::Unavailable(ErrorDetail::with_source(
+                    format!("pull: {e}"),
+                    e,
+                )));
             }
             Ok(Some(Ok(m))) => m,
         };
@@ -216,8 +225,8 @@ pub struct NatsDelivery {
     message: Message,
 }
 
-fn ack_error(e: impl std::fmt::Display) -> TransportError {
-    TransportError::Unavailable(format!("ack: {e}"))
+fn ack_error(e: async_nats::Error) -> TransportError {
+    TransportError::Unavailable(ErrorDetail::with_boxed_source(format!("ack: {e}"), e))
 }
 
 impl Delivery for NatsDelivery {

@@ -13,8 +13,8 @@ use async_nats::connection::State;
 use async_nats::jetstream::{self, context::PublishErrorKind, stream};
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use eventbus_core::{
-    BrokerPosition, Capabilities, ConnectionState, Headers, Health, OutgoingMessage, Receipt,
-    SubscriptionSpec, Transport, TransportError,
+    BrokerPosition, Capabilities, ConnectionState, ErrorDetail, Headers, Health, OutgoingMessage,
+    Receipt, SubscriptionSpec, Transport, TransportError,
 };
 
 use crate::config::{Auth, NatsConfig, Storage};
@@ -79,10 +79,9 @@ impl NatsTransport {
             }
             Auth::NKey(seed) => opts.nkey(seed.expose().to_string()),
             Auth::CredentialsFile(path) => opts.credentials_file(path).await.map_err(|e| {
-                TransportError::Unavailable(format!(
-                    "cannot read credentials file {}: {e}",
-                    path.display()
-                ))
+                TransportError::Unavailable(
+                    format!("cannot read credentials file {}: {e}", path.display()).into(),
+                )
             })?,
         };
         if config.tls.required {
@@ -101,10 +100,8 @@ impl NatsTransport {
             .filter(|u| !u.is_empty())
             .collect();
         let client = opts.connect(urls.as_slice()).await.map_err(|e| {
-            TransportError::Unavailable(format!(
-                "cannot connect to NATS at {}: {e}",
-                redact_url(&config.url)
-            ))
+            let text = format!("cannot connect to NATS at {}: {e}", redact_url(&config.url));
+            TransportError::Unavailable(ErrorDetail::with_source(text, e))
         })?;
         let context = jetstream::ContextBuilder::new()
             .max_ack_inflight(config.max_ack_inflight.max(1))
@@ -172,26 +169,34 @@ impl NatsTransport {
             .get_or_create_stream(wanted.clone())
             .await
             .map_err(|e| {
-                TransportError::Provisioning(format!("stream {name} for topic {topic:?}: {e}"))
+                TransportError::Provisioning(
+                    format!("stream {name} for topic {topic:?}: {e}").into(),
+                )
             })?;
         let have = &stream.cached_info().config;
         if !have.subjects.iter().any(|x| x == &subj) {
             return Err(TransportError::Provisioning(format!(
                 "stream {name} exists with subjects {:?}, not {subj:?} (another topic maps to the same stream name?)",
                 have.subjects
-            )));
+            ).into()));
         }
         if have.storage != wanted.storage {
-            return Err(TransportError::Provisioning(format!(
-                "stream {name} exists with {:?} storage, configured {:?}",
-                have.storage, wanted.storage
-            )));
+            return Err(TransportError::Provisioning(
+                format!(
+                    "stream {name} exists with {:?} storage, configured {:?}",
+                    have.storage, wanted.storage
+                )
+                .into(),
+            ));
         }
         if have.retention != wanted.retention {
-            return Err(TransportError::Provisioning(format!(
-                "stream {name} exists with retention {:?}; eventbus needs limits retention",
-                have.retention
-            )));
+            return Err(TransportError::Provisioning(
+                format!(
+                    "stream {name} exists with retention {:?}; eventbus needs limits retention",
+                    have.retention
+                )
+                .into(),
+            ));
         }
         if have.max_bytes != wanted.max_bytes
             || have.max_messages != wanted.max_messages
@@ -250,15 +255,21 @@ pub(crate) fn headers_from(map: Option<&HeaderMap>) -> Headers {
     h
 }
 
-fn publish_error(kind: PublishErrorKind, e: &dyn std::fmt::Display) -> TransportError {
-    match kind {
-        PublishErrorKind::TimedOut => TransportError::Timeout(format!("no JetStream ACK: {e}")),
-        PublishErrorKind::BrokenPipe => TransportError::Unavailable(e.to_string()),
+fn publish_error(e: jetstream::context::PublishError) -> TransportError {
+    let kind = e.kind();
+    let text = match kind {
+        PublishErrorKind::TimedOut => format!("no JetStream ACK: {e}"),
         PublishErrorKind::StreamNotFound => {
-            TransportError::Rejected(format!("no stream captures the subject (deleted?): {e}"))
+            format!("no stream captures the subject (deleted?): {e}")
         }
-        PublishErrorKind::MaxPayloadExceeded => TransportError::Rejected(e.to_string()),
-        _ => TransportError::Rejected(e.to_string()),
+        _ => e.to_string(),
+    };
+    // The client's error stays reachable as the source.
+    let detail = ErrorDetail::with_source(text, e);
+    match kind {
+        PublishErrorKind::TimedOut => TransportError::Timeout(detail),
+        PublishErrorKind::BrokenPipe => TransportError::Unavailable(detail),
+        _ => TransportError::Rejected(detail),
     }
 }
 
@@ -330,7 +341,7 @@ impl Transport for NatsTransport {
                 nats_message(&headers, &payload, &event_id)?,
             )
             .await
-            .map_err(|e| publish_error(e.kind(), &e))?;
+            .map_err(publish_error)?;
         let retries = self.config.publish_retries;
         // The message's own parts move into the future; the NATS message is rebuilt only on
         // the rare republish, so the common path clones nothing.
@@ -344,7 +355,7 @@ impl Transport for NatsTransport {
                     Err(e) => e,
                 };
                 if !retryable(err.kind()) || attempt >= retries {
-                    return Err(publish_error(err.kind(), &err));
+                    return Err(publish_error(err));
                 }
                 attempt += 1;
                 tracing::debug!(subject = %topic, attempt, error = %err, "publish ACK lost; republishing with the same Nats-Msg-Id");
@@ -361,7 +372,7 @@ impl Transport for NatsTransport {
                             break;
                         }
                         Err(e) if retryable(e.kind()) && attempt < retries => attempt += 1,
-                        Err(e) => return Err(publish_error(e.kind(), &e)),
+                        Err(e) => return Err(publish_error(e)),
                     }
                 }
             }
@@ -405,7 +416,7 @@ impl Transport for NatsTransport {
             .client
             .flush()
             .await
-            .map_err(|e| TransportError::Unavailable(format!("flush on close: {e}")));
+            .map_err(|e| TransportError::Unavailable(format!("flush on close: {e}").into()));
         // Ends the client's ACK task (it lives as long as a context does).
         if let Ok(mut c) = self.context.write() {
             c.take();
