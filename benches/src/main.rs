@@ -75,6 +75,9 @@ struct Args {
     /// Kafka bootstrap servers.
     #[arg(long, env = "EVENTBUS_KAFKA_BROKERS")]
     kafka_brokers: Option<String>,
+    /// Kafka consumers' `fetch.wait.max.ms` (bus and raw; default: the library's default).
+    #[arg(long)]
+    kafka_fetch_wait_ms: Option<u64>,
     /// Where to write the JSON report.
     #[arg(long, default_value = "target/eventbus-bench/report.json")]
     json: PathBuf,
@@ -157,6 +160,9 @@ fn main() -> ExitCode {
         publishers: args.publishers.max(1),
         nats_url: args.nats_url.clone(),
         kafka_brokers: args.kafka_brokers.clone(),
+        kafka_fetch_wait_ms: args
+            .kafka_fetch_wait_ms
+            .unwrap_or(eventbus::kafka::DEFAULT_FETCH_WAIT.as_millis() as u64),
     };
     let mut targets = args.targets.clone();
     if targets.is_empty() {

@@ -253,6 +253,10 @@ pub async fn kafka(level: Level, repeat: usize, k: &Knobs) -> Result<RunResult, 
             .set("group.id", format!("raw-{}", plan.run_id))
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", "6000")
+            .set(
+                "fetch.wait.max.ms",
+                k.kafka_fetch_wait_ms.max(1).to_string(),
+            )
             .create()
             .map_err(|e| e.to_string())?;
         consumer.subscribe(&[topic]).map_err(|e| e.to_string())?;

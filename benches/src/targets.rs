@@ -88,6 +88,8 @@ pub struct Knobs {
     pub nats_url: Option<String>,
     #[serde(skip)]
     pub kafka_brokers: Option<String>,
+    /// Kafka consumers' `fetch.wait.max.ms`, bus and raw alike.
+    pub kafka_fetch_wait_ms: u64,
 }
 
 impl Knobs {
@@ -338,6 +340,7 @@ fn backend(target: Target, k: &Knobs) -> Result<BackendConfig, String> {
                 .ok_or("no Kafka address (--kafka-brokers or EVENTBUS_KAFKA_BROKERS)")?;
             let mut c = eventbus::kafka::KafkaConfig::new(brokers);
             c.consumer.session_timeout = Duration::from_secs(6);
+            c.consumer.fetch_wait = Duration::from_millis(k.kafka_fetch_wait_ms);
             Ok(BackendConfig::Kafka(c))
         }
         _ => Err("not a bus target".into()),

@@ -199,6 +199,10 @@ impl KafkaSubscription {
             .set(
                 "session.timeout.ms",
                 c.session_timeout.as_millis().to_string(),
+            )
+            .set(
+                "fetch.wait.max.ms",
+                c.fetch_wait.as_millis().max(1).to_string(),
             );
         for (k, v) in &c.extra {
             cc.set(k, v);

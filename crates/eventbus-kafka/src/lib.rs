@@ -26,7 +26,9 @@ mod consumer;
 mod offsets;
 mod transport;
 
-pub use config::{ConsumerSettings, KafkaConfig, ProducerSettings, Security, TopicSettings};
+pub use config::{
+    ConsumerSettings, KafkaConfig, ProducerSettings, Security, TopicSettings, DEFAULT_FETCH_WAIT,
+};
 pub use consumer::{GroupContext, KafkaDelivery, KafkaSubscription};
 pub use offsets::OffsetTracker;
 pub use transport::{KafkaAck, KafkaTransport, LinkState, ProducerEvents};
