@@ -78,6 +78,10 @@ struct Args {
     /// Kafka consumers' `fetch.wait.max.ms` (bus and raw; default: the library's default).
     #[arg(long)]
     kafka_fetch_wait_ms: Option<u64>,
+    /// Open loop: publish at this total rate (msg/s) on a fixed schedule, latencies measured
+    /// from each message's due time. Default: closed loop, as fast as the window allows.
+    #[arg(long)]
+    rate: Option<f64>,
     /// Where to write the JSON report.
     #[arg(long, default_value = "target/eventbus-bench/report.json")]
     json: PathBuf,
@@ -160,6 +164,7 @@ fn main() -> ExitCode {
         publishers: args.publishers.max(1),
         nats_url: args.nats_url.clone(),
         kafka_brokers: args.kafka_brokers.clone(),
+        rate: args.rate,
         kafka_fetch_wait_ms: args
             .kafka_fetch_wait_ms
             .unwrap_or(eventbus::kafka::DEFAULT_FETCH_WAIT.as_millis() as u64),

@@ -18,7 +18,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message as _};
 
 use crate::targets::{
-    collect_acks, result, watch, Knobs, Peaks, Plan, RunResult, SendClock, Target,
+    collect_acks, result, watch, Knobs, Pacer, Peaks, Plan, RunResult, SendClock, Target,
 };
 use crate::workload::{Checker, Level, TOPICS};
 
@@ -154,6 +154,7 @@ pub async fn nats(
     let start = Instant::now();
     let publishers = k.publishers.clamp(1, plan.aggregates);
     let mut tasks = Vec::new();
+    let pacer = Pacer::new(k.rate, publishers);
     for p in 0..publishers {
         let (js, plan, clock, k, tx) = (
             js.clone(),
@@ -163,9 +164,12 @@ pub async fn nats(
             tx.clone(),
         );
         tasks.push(tokio::spawn(async move {
+            let mut i = 0;
             for v in 1..=plan.versions {
                 for agg in (p..plan.aggregates).step_by(publishers) {
-                    let e = plan.event(&k, agg, v);
+                    let due = pacer.due(p, i).await;
+                    i += 1;
+                    let e = Pacer::stamp(due, plan.event(&k, agg, v));
                     let mut headers = async_nats::HeaderMap::new();
                     for (name, value) in e.headers().iter() {
                         if let (Ok(n), Ok(v)) = (
@@ -181,7 +185,7 @@ pub async fn nats(
                         .headers(headers)
                         .message_id(&e.event_id);
                     let seq = plan.seq(agg, v);
-                    clock.sent(seq);
+                    clock.sent(seq, due.map(|(at, _)| at));
                     let ack = js
                         .send_publish(plan.topic(agg % TOPICS), msg)
                         .await
@@ -286,6 +290,7 @@ pub async fn kafka(level: Level, repeat: usize, k: &Knobs) -> Result<RunResult, 
     let publishers = k.publishers.clamp(1, plan.aggregates);
     let mut tasks = Vec::new();
     let topics = Arc::new(topics);
+    let pacer = Pacer::new(k.rate, publishers);
     for p in 0..publishers {
         let (producer, plan, clock, k, tx, topics) = (
             producer.clone(),
@@ -296,9 +301,12 @@ pub async fn kafka(level: Level, repeat: usize, k: &Knobs) -> Result<RunResult, 
             topics.clone(),
         );
         tasks.push(tokio::spawn(async move {
+            let mut i = 0;
             for v in 1..=plan.versions {
                 for agg in (p..plan.aggregates).step_by(publishers) {
-                    let e = plan.event(&k, agg, v);
+                    let due = pacer.due(p, i).await;
+                    i += 1;
+                    let e = Pacer::stamp(due, plan.event(&k, agg, v));
                     let hdrs = e.headers();
                     let mut headers = OwnedHeaders::new_with_capacity(hdrs.len());
                     for (key, value) in hdrs.iter() {
@@ -313,7 +321,7 @@ pub async fn kafka(level: Level, repeat: usize, k: &Knobs) -> Result<RunResult, 
                         .key(e.aggregate_id.as_str())
                         .headers(headers);
                     let seq = plan.seq(agg, v);
-                    clock.sent(seq);
+                    clock.sent(seq, due.map(|(at, _)| at));
                     let fut = loop {
                         match producer.send_result(record) {
                             Ok(f) => break f,

@@ -90,6 +90,57 @@ pub struct Knobs {
     pub kafka_brokers: Option<String>,
     /// Kafka consumers' `fetch.wait.max.ms`, bus and raw alike.
     pub kafka_fetch_wait_ms: u64,
+    /// Open loop: total publish rate in msg/s (`None`: as fast as the window allows).
+    pub rate: Option<f64>,
+}
+
+/// The open-loop schedule: message `i` of publisher `p` is due at `start + (i·P + p) / rate`,
+/// whatever happened to the messages before it. Latencies are measured from the due time
+/// (the envelope's timestamp and the ACK clock are set to it), so a stall delays every message
+/// scheduled during it and shows in the percentiles instead of pausing the load
+/// (no coordinated omission).
+#[derive(Clone, Copy)]
+pub(crate) struct Pacer {
+    start: Instant,
+    wall: chrono::DateTime<chrono::Utc>,
+    rate: Option<f64>,
+    publishers: usize,
+}
+
+impl Pacer {
+    pub(crate) fn new(rate: Option<f64>, publishers: usize) -> Self {
+        Self {
+            start: Instant::now(),
+            wall: chrono::Utc::now(),
+            rate: rate.filter(|r| *r > 0.0),
+            publishers: publishers.max(1),
+        }
+    }
+
+    /// Waits until message `i` of publisher `p` is due; its due time, in the open loop.
+    pub(crate) async fn due(
+        &self,
+        p: usize,
+        i: usize,
+    ) -> Option<(Instant, chrono::DateTime<chrono::Utc>)> {
+        let rate = self.rate?;
+        let offset = Duration::from_secs_f64((i * self.publishers + p) as f64 / rate);
+        let at = self.start + offset;
+        tokio::time::sleep_until(at.into()).await;
+        let wall = self.wall + chrono::Duration::from_std(offset).unwrap_or_default();
+        Some((at, wall))
+    }
+
+    /// `envelope` as due: its timestamp is the due time in the open loop.
+    pub(crate) fn stamp(
+        due: Option<(Instant, chrono::DateTime<chrono::Utc>)>,
+        mut envelope: Envelope,
+    ) -> Envelope {
+        if let Some((_, wall)) = due {
+            envelope.timestamp = wall;
+        }
+        envelope
+    }
 }
 
 impl Knobs {
@@ -153,9 +204,14 @@ impl SendClock {
         }
     }
 
-    pub(crate) fn sent(&self, seq: usize) {
+    /// Message `seq` was sent now, or was due at `due` (open loop).
+    pub(crate) fn sent(&self, seq: usize, due: Option<Instant>) {
         if let Some(s) = self.sent_ns.get(seq) {
-            s.store(self.start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            let at = due.map_or_else(
+                || self.start.elapsed(),
+                |d| d.saturating_duration_since(self.start),
+            );
+            s.store(at.as_nanos() as u64, Ordering::Relaxed);
         }
     }
 
@@ -415,13 +471,17 @@ async fn run_bus(
     let start = Instant::now();
     let publishers = k.publishers.clamp(1, plan.aggregates);
     let mut tasks = Vec::new();
+    let pacer = Pacer::new(k.rate, publishers);
     for p in 0..publishers {
         let (bus, plan, clock, k) = (bus.clone(), plan.clone(), clock.clone(), k.clone());
         tasks.push(tokio::spawn(async move {
+            let mut i = 0;
             for v in 1..=plan.versions {
                 for agg in (p..plan.aggregates).step_by(publishers) {
-                    let e = plan.event(&k, agg, v);
-                    clock.sent(plan.seq(agg, v));
+                    let due = pacer.due(p, i).await;
+                    i += 1;
+                    let e = Pacer::stamp(due, plan.event(&k, agg, v));
+                    clock.sent(plan.seq(agg, v), due.map(|(at, _)| at));
                     bus.publish_envelope(&plan.topic(agg % TOPICS), &e).await?;
                 }
             }

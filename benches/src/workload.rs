@@ -213,7 +213,11 @@ impl Checker {
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct Percentiles {
     pub p50_ms: f64,
+    pub p75_ms: f64,
+    pub p95_ms: f64,
     pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub p9999_ms: f64,
     pub max_ms: f64,
 }
 
@@ -229,7 +233,11 @@ impl Percentiles {
         };
         Self {
             p50_ms: at(0.5),
+            p75_ms: at(0.75),
+            p95_ms: at(0.95),
             p99_ms: at(0.99),
+            p999_ms: at(0.999),
+            p9999_ms: at(0.9999),
             max_ms: at(1.0),
         }
     }

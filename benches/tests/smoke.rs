@@ -77,3 +77,44 @@ fn unreachable_broker_is_reported_and_fails() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("127.0.0.1:1"), "{stderr}");
 }
+
+/// The open loop: 500 messages at 1,000 msg/s take about half a second, whatever the backend
+/// could do; the report carries the rate and the fine percentiles.
+#[test]
+fn open_loop_rate_paces_the_publishers() {
+    let dir = std::env::temp_dir().join(format!("eventbus-bench-open-{}", std::process::id()));
+    let (json, svg) = (dir.join("report.json"), dir.join("chart.svg"));
+    let out = Command::new(env!("CARGO_BIN_EXE_eventbus-bench"))
+        .args(["--targets", "memory", "--levels", "low", "--repeats", "1"])
+        .args(["--rate", "1000", "--json"])
+        .arg(&json)
+        .arg("--svg")
+        .arg(&svg)
+        .output()
+        .expect("run eventbus-bench");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("report written")).expect("valid JSON");
+    assert_eq!(report["knobs"]["rate"], 1000.0);
+    let run = &report["runs"][0];
+    assert_eq!(run["lost"], 0);
+    // Paced: 500 messages at 1,000 msg/s cannot be sent faster than the schedule allows
+    // (the memory backend alone does ~70,000 msg/s here).
+    let send = run["send_per_sec"].as_f64().expect("send rate");
+    assert!(send <= 1_050.0, "publishing was not paced: {send} msg/s");
+    for field in [
+        "p50_ms", "p75_ms", "p95_ms", "p99_ms", "p999_ms", "p9999_ms", "max_ms",
+    ] {
+        assert!(
+            run["e2e_latency"][field].as_f64().is_some(),
+            "e2e {field}: {}",
+            run["e2e_latency"][field]
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
