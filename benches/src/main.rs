@@ -82,6 +82,11 @@ struct Args {
     /// from each message's due time. Default: closed loop, as fast as the window allows.
     #[arg(long)]
     rate: Option<f64>,
+    /// Sweep: starting at `--rate` (default 1,000 msg/s), double the rate while the median
+    /// end-to-end p99 stays under this bound (ms) and the target keeps up (e2e ≥ 95 % of the
+    /// rate); report the highest rate that passed per target and level.
+    #[arg(long)]
+    sweep_p99_ms: Option<f64>,
     /// Where to write the JSON report.
     #[arg(long, default_value = "target/eventbus-bench/report.json")]
     json: PathBuf,
@@ -198,6 +203,17 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;
     }
+    if let Some(bound) = args.sweep_p99_ms {
+        return sweep(
+            &runtime,
+            &targets,
+            &levels,
+            &knobs,
+            args.repeats.max(1),
+            bound,
+            &args.json,
+        );
+    }
     let total = levels.len() * args.repeats.max(1) * targets.len();
     let mut results: Vec<RunResult> = Vec::new();
     let mut failed = false;
@@ -281,6 +297,116 @@ fn main() -> ExitCode {
     }
     if failed {
         eprintln!("error: a run failed, lost messages or broke per-aggregate order (see above)");
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// One rate tried by the sweep.
+#[derive(serde::Serialize)]
+struct SweepPoint {
+    target: &'static str,
+    level: &'static str,
+    rate: f64,
+    e2e_per_sec: f64,
+    e2e_p99_ms: f64,
+    passed: bool,
+}
+
+/// `--sweep-p99-ms`: the highest rate each target sustains with e2e p99 under `bound`.
+fn sweep(
+    runtime: &tokio::runtime::Runtime,
+    targets: &[Target],
+    levels: &[Level],
+    knobs: &Knobs,
+    repeats: usize,
+    bound: f64,
+    json: &std::path::Path,
+) -> ExitCode {
+    const MAX_STEPS: usize = 12;
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let mut points = Vec::new();
+    let mut failed = false;
+    for level in levels {
+        for target in targets {
+            let mut rate = knobs.rate.unwrap_or(1_000.0);
+            let mut best = None;
+            for _ in 0..MAX_STEPS {
+                let k = Knobs {
+                    rate: Some(rate),
+                    ..knobs.clone()
+                };
+                let runs: Vec<RunResult> = (1..=repeats)
+                    .filter_map(
+                        |r| match runtime.block_on(targets::run(*target, *level, r, &k)) {
+                            Ok(r) => Some(r),
+                            Err(e) => {
+                                eprintln!("{} at {rate} msg/s failed: {e}", target.name());
+                                None
+                            }
+                        },
+                    )
+                    .collect();
+                if runs.len() < repeats {
+                    failed = true;
+                    break;
+                }
+                let p99 = median(runs.iter().map(|r| r.e2e_latency.p99_ms).collect());
+                let e2e = median(runs.iter().map(|r| r.e2e_per_sec).collect());
+                let passed = p99 <= bound && e2e >= 0.95 * rate;
+                eprintln!(
+                    "sweep {:<10} {:<12} {rate:>9.0} msg/s: e2e {e2e:>9.0} msg/s, p99 {p99:>8.2} ms {}",
+                    level.name(),
+                    target.name(),
+                    if passed { "ok" } else { "over" }
+                );
+                points.push(SweepPoint {
+                    target: target.name(),
+                    level: level.name(),
+                    rate,
+                    e2e_per_sec: e2e,
+                    e2e_p99_ms: p99,
+                    passed,
+                });
+                if !passed {
+                    break;
+                }
+                best = Some(rate);
+                rate *= 2.0;
+            }
+            println!(
+                "{:<10} {:<12} highest rate with e2e p99 <= {bound} ms: {}",
+                level.name(),
+                target.name(),
+                best.map_or("none".into(), |r| format!("{r:.0} msg/s"))
+            );
+        }
+    }
+    let report = serde_json::json!({
+        "tool": "eventbus-bench",
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "knobs": knobs,
+        "sweep_p99_bound_ms": bound,
+        "repeats": repeats,
+        "sweep": points,
+    });
+    if let Some(dir) = json.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    if let Err(e) = std::fs::write(
+        json,
+        serde_json::to_string_pretty(&report).unwrap_or_default(),
+    ) {
+        eprintln!("error: cannot write {}: {e}", json.display());
+        failed = true;
+    } else {
+        println!("wrote {}", json.display());
+    }
+    if failed {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS

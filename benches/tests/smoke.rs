@@ -118,3 +118,32 @@ fn open_loop_rate_paces_the_publishers() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The sweep stops at the first rate whose p99 is over the bound and records every rate tried.
+#[test]
+fn sweep_stops_at_the_first_rate_over_the_bound() {
+    let dir = std::env::temp_dir().join(format!("eventbus-bench-sweep-{}", std::process::id()));
+    let json = dir.join("sweep.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_eventbus-bench"))
+        .args(["--targets", "memory", "--levels", "low", "--repeats", "1"])
+        // No delivery takes under a nanosecond: the first rate is over the bound.
+        .args(["--rate", "5000", "--sweep-p99-ms", "0.000001", "--json"])
+        .arg(&json)
+        .output()
+        .expect("run eventbus-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("highest rate with e2e p99"), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("report written")).expect("valid JSON");
+    let points = report["sweep"].as_array().expect("sweep points");
+    assert_eq!(points.len(), 1, "{points:?}");
+    assert_eq!(points[0]["rate"], 5000.0);
+    assert_eq!(points[0]["passed"], false);
+    assert!(points[0]["e2e_p99_ms"].as_f64().is_some_and(|p| p > 0.0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
