@@ -133,6 +133,7 @@ impl<T: Transport> BusBuilder<T> {
         tokio::runtime::Handle::try_current().map_err(|_| BusError::NoRuntime)?;
         let metrics = Arc::new(Metrics::default());
         let transport = Arc::new(self.transport);
+        let native_compression = transport.capabilities().native_compression;
         let (publisher, collector) = Publisher::start(
             transport.clone(),
             self.config.publish.clone(),
@@ -142,6 +143,7 @@ impl<T: Transport> BusBuilder<T> {
         Ok(Bus {
             inner: Arc::new(BusInner {
                 transport,
+                native_compression,
                 config: self.config,
                 publisher,
                 collector: Mutex::new(Some(collector)),
@@ -180,6 +182,8 @@ struct Life<T: Transport> {
 
 struct BusInner<T: Transport> {
     transport: Arc<T>,
+    /// The transport compresses batches itself: the bus leaves payloads as they are.
+    native_compression: bool,
     config: BusConfig,
     publisher: Arc<Publisher<T>>,
     collector: Mutex<Option<JoinHandle<()>>>,
@@ -342,7 +346,7 @@ impl<T: Transport> Bus<T> {
             }
             .into());
         }
-        let compression = if self.inner.transport.capabilities().native_compression {
+        let compression = if self.inner.native_compression {
             // The client compresses whole batches: compressing payloads too would do it twice.
             Compression::None
         } else {
