@@ -297,11 +297,11 @@ async fn peak_tasks(messages: usize, aggregates: usize) -> usize {
     // A task whose join handle was awaited may still count as alive for a few scheduler
     // turns (tokio releases it after waking the joiner): let the previous bus's tasks go.
     let metrics = tokio::runtime::Handle::current().metrics();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-    while metrics.num_alive_tasks() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::task::yield_now().await;
-    }
-    assert_eq!(metrics.num_alive_tasks(), 0, "tasks left from before");
+    assert_eq!(
+        crate::testkit::tasks_released(0).await,
+        0,
+        "tasks left from before"
+    );
     let bus = bus(BusConfig::default()
         .with_keyed_workers(16)
         .with_global_workers(4));

@@ -196,19 +196,21 @@ async fn fetch_n<S: crate::Subscription>(
     count: usize,
     what: &str,
 ) -> Vec<S::Delivery> {
-    let deadline = tokio::time::Instant::now() + kit_timeout();
     let mut got = Vec::new();
-    while got.len() < count {
-        assert!(
-            tokio::time::Instant::now() < deadline,
+    let fetched = async {
+        while got.len() < count {
+            got.extend(
+                sub.fetch(count - got.len(), Duration::from_millis(100))
+                    .await
+                    .expect("fetch"),
+            );
+        }
+    };
+    if tokio::time::timeout(kit_timeout(), fetched).await.is_err() {
+        panic!(
             "timed out after {:?} waiting for {what}: {} of {count} fetched",
             kit_timeout(),
             got.len()
-        );
-        got.extend(
-            sub.fetch(count - got.len(), Duration::from_millis(100))
-                .await
-                .expect("fetch"),
         );
     }
     got

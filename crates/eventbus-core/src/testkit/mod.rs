@@ -315,3 +315,20 @@ pub async fn peak_tasks_during_flow<T: Transport>(
     tokio::join!(publish, sample);
     peak
 }
+
+/// Waits until at most `baseline` tokio tasks are alive and returns how many are; the kit
+/// timeout only guards against a hang. A task whose join handle was awaited, or a client
+/// library's task that has signalled its end (async-nats spawns some without join handles),
+/// is released a little later; there is no event to wait on, so this looks again on every
+/// runtime tick.
+pub async fn tasks_released(baseline: usize) -> usize {
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let released = async {
+        while metrics.num_alive_tasks() > baseline {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    let _ = tokio::time::timeout(kit_timeout(), released).await;
+    metrics.num_alive_tasks()
+}
