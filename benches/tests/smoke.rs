@@ -1,36 +1,40 @@
 //! Runs the comparison tool on the memory backend at `low` and checks its JSON report.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-#[test]
-fn memory_low_writes_a_complete_report() {
-    let dir = std::env::temp_dir().join(format!("eventbus-bench-smoke-{}", std::process::id()));
-    let (json, svg) = (dir.join("report.json"), dir.join("chart.svg"));
+/// Runs the tool on the memory backend at `low`, once, with `extra` arguments, writing its
+/// report into a fresh directory; checks it succeeded. Returns (stdout, report, directory).
+fn run_memory_low(name: &str, extra: &[&str]) -> (String, serde_json::Value, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("eventbus-bench-{name}-{}", std::process::id()));
+    let json = dir.join("report.json");
     let out = Command::new(env!("CARGO_BIN_EXE_eventbus-bench"))
-        .args([
-            "--targets",
-            "memory",
-            "--levels",
-            "low",
-            "--repeats",
-            "1",
-            "--json",
-        ])
+        .args(["--targets", "memory", "--levels", "low", "--repeats", "1"])
+        .args(extra)
+        .arg("--json")
         .arg(&json)
         .arg("--svg")
-        .arg(&svg)
+        .arg(dir.join("chart.svg"))
         .output()
         .expect("run eventbus-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    (stdout, read_json(&json), dir)
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).expect("report written")).expect("valid JSON")
+}
+
+#[test]
+fn memory_low_writes_a_complete_report() {
+    let (stdout, report, dir) = run_memory_low("smoke", &[]);
     assert!(stdout.contains("memory"), "table printed: {stdout}");
 
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json).expect("report written")).expect("valid JSON");
     let s = &report["summaries"][0];
     assert_eq!(s["target"], "memory");
     assert_eq!(s["level"], "low");
@@ -61,7 +65,7 @@ fn memory_low_writes_a_complete_report() {
     assert_eq!(run["storage"], "in-process memory");
     assert!(run["publish_ack_latency"]["p99_ms"].is_number());
     assert_eq!(report["knobs"]["window"], 10_000);
-    let chart = std::fs::read_to_string(&svg).expect("chart written");
+    let chart = std::fs::read_to_string(dir.join("chart.svg")).expect("chart written");
     assert!(chart.starts_with("<svg") && chart.contains("memory"));
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -82,24 +86,7 @@ fn unreachable_broker_is_reported_and_fails() {
 /// could do; the report carries the rate and the fine percentiles.
 #[test]
 fn open_loop_rate_paces_the_publishers() {
-    let dir = std::env::temp_dir().join(format!("eventbus-bench-open-{}", std::process::id()));
-    let (json, svg) = (dir.join("report.json"), dir.join("chart.svg"));
-    let out = Command::new(env!("CARGO_BIN_EXE_eventbus-bench"))
-        .args(["--targets", "memory", "--levels", "low", "--repeats", "1"])
-        .args(["--rate", "1000", "--json"])
-        .arg(&json)
-        .arg("--svg")
-        .arg(&svg)
-        .output()
-        .expect("run eventbus-bench");
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json).expect("report written")).expect("valid JSON");
+    let (_, report, dir) = run_memory_low("open", &["--rate", "1000"]);
     assert_eq!(report["knobs"]["rate"], 1000.0);
     let run = &report["runs"][0];
     assert_eq!(run["lost"], 0);
@@ -122,24 +109,10 @@ fn open_loop_rate_paces_the_publishers() {
 /// The sweep stops at the first rate whose p99 is over the bound and records every rate tried.
 #[test]
 fn sweep_stops_at_the_first_rate_over_the_bound() {
-    let dir = std::env::temp_dir().join(format!("eventbus-bench-sweep-{}", std::process::id()));
-    let json = dir.join("sweep.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_eventbus-bench"))
-        .args(["--targets", "memory", "--levels", "low", "--repeats", "1"])
-        // No delivery takes under a nanosecond: the first rate is over the bound.
-        .args(["--rate", "5000", "--sweep-p99-ms", "0.000001", "--json"])
-        .arg(&json)
-        .output()
-        .expect("run eventbus-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // No delivery takes under a nanosecond: the first rate is over the bound.
+    let (stdout, report, dir) =
+        run_memory_low("sweep", &["--rate", "5000", "--sweep-p99-ms", "0.000001"]);
     assert!(stdout.contains("highest rate with e2e p99"), "{stdout}");
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json).expect("report written")).expect("valid JSON");
     let points = report["sweep"].as_array().expect("sweep points");
     assert_eq!(points.len(), 1, "{points:?}");
     assert_eq!(points[0]["rate"], 5000.0);
