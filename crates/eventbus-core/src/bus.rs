@@ -331,10 +331,11 @@ impl<T: Transport> Bus<T> {
             Some(id) => id,
             None => new_event_id(),
         };
-        headers.insert(headers::EVENT_ID, event_id.as_str());
+        // An envelope's headers already carry both: then nothing is copied.
+        headers.set_str(headers::EVENT_ID, &event_id);
         let aggregate_id = aggregate_id.filter(|a| !a.is_empty());
         if let Some(a) = &aggregate_id {
-            headers.insert(headers::AGGREGATE_ID, a.as_str());
+            headers.set_str(headers::AGGREGATE_ID, a);
         }
         headers::validate(&headers)?;
         let cfg = self.inner.publisher.config();

@@ -142,22 +142,22 @@ impl Envelope {
     /// The routing headers of this envelope (`X-Event-ID`, `X-Aggregate-ID`, ...).
     pub fn headers(&self) -> Headers {
         let mut h = Headers::with_capacity(8);
-        h.insert(headers::EVENT_ID, self.event_id.as_str());
-        h.insert(headers::AGGREGATE_ID, self.aggregate_id.as_str());
-        h.insert(headers::EVENT_TYPE, self.event_type.as_str());
-        h.insert(headers::EVENT_VERSION, self.event_version.to_string());
-        h.insert(
+        h.push_known(headers::EVENT_ID, self.event_id.clone());
+        h.push_known(headers::AGGREGATE_ID, self.aggregate_id.clone());
+        h.push_known(headers::EVENT_TYPE, self.event_type.clone());
+        h.push_known(headers::EVENT_VERSION, self.event_version.to_string());
+        h.push_known(
             headers::TIMESTAMP,
             self.timestamp.to_rfc3339_opts(SecondsFormat::Nanos, true),
         );
-        if let Some(v) = &self.trace_id {
-            h.insert(headers::TRACE_ID, v.as_str());
-        }
-        if let Some(v) = &self.correlation_id {
-            h.insert(headers::CORRELATION_ID, v.as_str());
-        }
-        if let Some(v) = &self.tenant_id {
-            h.insert(headers::TENANT_ID, v.as_str());
+        for (name, value) in [
+            (headers::TRACE_ID, &self.trace_id),
+            (headers::CORRELATION_ID, &self.correlation_id),
+            (headers::TENANT_ID, &self.tenant_id),
+        ] {
+            if let Some(v) = value {
+                h.push_known(name, v.clone());
+            }
         }
         h
     }

@@ -114,6 +114,20 @@ impl Headers {
         }
     }
 
+    /// Appends a well-known header the map does not have yet: no lookup, no name allocation.
+    /// For building fresh maps (the caller knows the names are distinct).
+    pub(crate) fn push_known(&mut self, name: &'static str, value: String) {
+        debug_assert!(self.get(name).is_none(), "{name} set twice");
+        self.entries.push((Name::Known(name), value));
+    }
+
+    /// Sets `name` to `value` unless it already has that value (no allocation then).
+    pub(crate) fn set_str(&mut self, name: &'static str, value: &str) {
+        if self.get(name) != Some(value) {
+            self.insert(name, value);
+        }
+    }
+
     /// The value of `name`, if present.
     pub fn get(&self, name: &str) -> Option<&str> {
         self.entries

@@ -390,6 +390,13 @@ async fn collect_acks<T: Transport>(
             biased;
             Some((meta, outcome)) = pending.next(), if !pending.is_empty() => {
                 sinks.report(meta, outcome).await;
+                // ACKs arrive in bursts: report every one already in before selecting again
+                // (a select round re-arms the mode and queue waits, a lock each).
+                while let Poll::Ready(Some((meta, outcome))) =
+                    std::future::poll_fn(|cx| Poll::Ready(pending.poll_next_unpin(cx))).await
+                {
+                    sinks.report(meta, outcome).await;
+                }
             }
             changed = mode.changed(), if mode_open => {
                 if changed.is_err() {

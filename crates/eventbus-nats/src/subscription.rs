@@ -94,7 +94,7 @@ impl NatsSubscription {
         })
     }
 
-    fn delivery(&self, m: jetstream::Message) -> NatsDelivery {
+    fn delivery(&self, mut m: jetstream::Message) -> NatsDelivery {
         let (position, delivered) = match m.info() {
             Ok(info) => (
                 Some(BrokerPosition {
@@ -108,7 +108,9 @@ impl NatsSubscription {
         let message = Message::new(
             self.topic.clone(),
             m.message.payload.clone(),
-            Arc::new(headers_from(m.message.headers.as_ref())),
+            // Moved out, not copied: acking needs only the reply subject, and a queued
+            // delivery then holds its headers once.
+            Arc::new(headers_from(m.message.headers.take().as_ref())),
             None,
             position,
             delivered,

@@ -1,15 +1,37 @@
 //! A bounded set of recently handled event ids, to skip redelivered duplicates.
 
+use std::collections::hash_map::RandomState;
 use std::collections::{HashSet, VecDeque};
-use std::hash::{BuildHasher, Hash};
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::sync::{Arc, Mutex};
+
+use super::prehashed::PassThrough;
 
 /// An event id as seen by one subscription: workers are shared by every subscription of a
 /// bus, and each group must get its own copy of an event.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+///
+/// The key carries its hash, computed once ([`SharedDedup::key`], keyed by a per-bus random
+/// seed so ids chosen by a sender cannot force collisions): it picks the shard and is the
+/// set's hash, so a message costs one hash of its id, not one per lookup.
+#[derive(Debug, Clone)]
 pub(crate) struct DedupKey {
+    hash: u64,
     route: u64,
     id: EventIdKey,
+}
+
+impl PartialEq for DedupKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.route == other.route && self.id == other.id
+    }
+}
+
+impl Eq for DedupKey {}
+
+impl Hash for DedupKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
 }
 
 /// UUIDs (the default event ids) are kept as 128-bit numbers; other ids as strings.
@@ -20,12 +42,19 @@ enum EventIdKey {
 }
 
 impl DedupKey {
-    pub(crate) fn new(route: u64, event_id: &str) -> Self {
+    fn new(seed: &RandomState, route: u64, event_id: &str) -> Self {
         let id = match uuid::Uuid::try_parse(event_id) {
             Ok(u) => EventIdKey::Uuid(u.as_u128()),
             Err(_) => EventIdKey::Text(Arc::from(event_id)),
         };
-        Self { route, id }
+        let mut h = seed.build_hasher();
+        route.hash(&mut h);
+        id.hash(&mut h);
+        Self {
+            hash: h.finish(),
+            route,
+            id,
+        }
     }
 }
 
@@ -33,16 +62,17 @@ impl DedupKey {
 #[derive(Debug)]
 pub(crate) struct DedupSet {
     capacity: usize,
-    seen: HashSet<DedupKey>,
+    seen: HashSet<DedupKey, BuildHasherDefault<PassThrough>>,
     order: VecDeque<DedupKey>,
 }
 
 impl DedupSet {
     pub(crate) fn new(capacity: usize) -> Self {
+        let initial = capacity.min(4096);
         Self {
             capacity,
-            seen: HashSet::with_capacity(capacity.min(4096)),
-            order: VecDeque::with_capacity(capacity.min(4096)),
+            seen: HashSet::with_capacity_and_hasher(initial, Default::default()),
+            order: VecDeque::with_capacity(initial),
         }
     }
 
@@ -69,7 +99,7 @@ impl DedupSet {
 /// contended.
 pub(crate) struct SharedDedup {
     shards: Box<[Mutex<DedupSet>]>,
-    hasher: std::collections::hash_map::RandomState,
+    seed: RandomState,
 }
 
 impl SharedDedup {
@@ -81,14 +111,18 @@ impl SharedDedup {
             shards: (0..shards)
                 .map(|_| Mutex::new(DedupSet::new(per_shard)))
                 .collect(),
-            hasher: Default::default(),
+            seed: RandomState::new(),
         }
     }
 
+    /// The key `event_id` of subscription `route` is remembered by.
+    pub(crate) fn key(&self, route: u64, event_id: &str) -> DedupKey {
+        DedupKey::new(&self.seed, route, event_id)
+    }
+
     fn shard(&self, key: &DedupKey) -> &Mutex<DedupSet> {
-        let mut h = self.hasher.build_hasher();
-        key.hash(&mut h);
-        let i = (std::hash::Hasher::finish(&h) % self.shards.len() as u64) as usize;
+        // The high bits: the set's buckets use the low ones.
+        let i = ((key.hash >> 32) % self.shards.len() as u64) as usize;
         &self.shards[i]
     }
 
@@ -111,12 +145,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn keys_that_share_a_hash_stay_distinct() {
+        // Forced collision: equal hashes, different ids, both remembered apart.
+        let seed = RandomState::new();
+        let a = DedupKey::new(&seed, 1, "a");
+        let mut b = DedupKey::new(&seed, 1, "b");
+        b.hash = a.hash;
+        let mut s = DedupSet::new(8);
+        s.insert(a.clone());
+        assert!(s.contains(&a));
+        assert!(!s.contains(&b));
+        s.insert(b.clone());
+        assert!(s.contains(&a) && s.contains(&b));
+    }
+
+    #[test]
     fn remembers_the_last_capacity_ids() {
+        let seed = RandomState::new();
         let mut s = DedupSet::new(2);
         let ids = [
-            DedupKey::new(1, "0190a000-0000-7000-8000-000000000001"),
-            DedupKey::new(1, "plain-id"),
-            DedupKey::new(1, "another"),
+            DedupKey::new(&seed, 1, "0190a000-0000-7000-8000-000000000001"),
+            DedupKey::new(&seed, 1, "plain-id"),
+            DedupKey::new(&seed, 1, "another"),
         ];
         s.insert(ids[0].clone());
         s.insert(ids[1].clone());
@@ -126,7 +176,7 @@ mod tests {
         assert!(s.contains(&ids[2]));
         assert!(matches!(ids[0].id, EventIdKey::Uuid(_)));
         assert!(
-            !s.contains(&DedupKey::new(2, "another")),
+            !s.contains(&DedupKey::new(&seed, 2, "another")),
             "keys are per subscription"
         );
     }
@@ -134,17 +184,22 @@ mod tests {
     #[test]
     fn shared_set_is_seen_by_everyone() {
         let s = SharedDedup::new(64, 8);
-        let k = DedupKey::new(1, "id-1");
+        let k = s.key(1, "id-1");
         assert!(!s.contains(&k));
         s.insert(k.clone());
         assert!(s.contains(&k));
-        assert!(!s.contains(&DedupKey::new(2, "id-1")));
+        assert!(
+            s.contains(&s.key(1, "id-1")),
+            "an equal key built again is found"
+        );
+        assert!(!s.contains(&s.key(2, "id-1")));
     }
 
     #[test]
     fn zero_capacity_remembers_nothing() {
+        let seed = RandomState::new();
         let mut s = DedupSet::new(0);
-        s.insert(DedupKey::new(1, "a"));
-        assert!(!s.contains(&DedupKey::new(1, "a")));
+        s.insert(DedupKey::new(&seed, 1, "a"));
+        assert!(!s.contains(&DedupKey::new(&seed, 1, "a")));
     }
 }

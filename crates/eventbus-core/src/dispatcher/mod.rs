@@ -11,6 +11,7 @@
 //! - The number of tasks is `K + G`, set by configuration, whatever the traffic.
 
 mod dedup;
+mod prehashed;
 mod scheduler;
 mod worker;
 

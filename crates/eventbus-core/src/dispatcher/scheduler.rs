@@ -25,6 +25,8 @@ use std::sync::{Mutex, MutexGuard};
 
 use tokio::sync::{Notify, Semaphore};
 
+use super::prehashed::PassThrough;
+
 /// Recycled lane queues kept at most (spares avoid an allocation per new lane).
 const MAX_SPARE_LANES: usize = 1024;
 
@@ -35,24 +37,6 @@ pub(crate) const LANE_QUANTUM: u32 = 16;
 
 /// A scheduled job's key: see the module docs.
 pub(crate) type LaneKey = u64;
-
-/// The map's keys are already hashes: use them as they are.
-#[derive(Default)]
-struct PassThrough(u64);
-
-impl Hasher for PassThrough {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
 
 struct Lane<J> {
     jobs: VecDeque<J>,

@@ -106,9 +106,8 @@ impl<T: Transport> WorkerContext<T> {
 
     /// Dedup layer: the key a handled message is remembered by (`None`: dedup off, or no id).
     fn dedup_key(&self, route: &Route, msg: &Message) -> Option<DedupKey> {
-        msg.event_id()
-            .filter(|_| self.dedup.is_some())
-            .map(|id| DedupKey::new(route.id, id))
+        let dedup = self.dedup.as_ref()?;
+        msg.event_id().map(|id| dedup.key(route.id, id))
     }
 
     /// Retry layer: runs the handler until it succeeds, fails permanently, runs out of
