@@ -9,11 +9,18 @@
 //! scripts/nats.sh start; scripts/kafka.sh start
 //! eval "$(scripts/nats.sh env; scripts/kafka.sh env)"; export EVENTBUS_NATS_URL EVENTBUS_KAFKA_BROKERS
 //! cargo run --release -p eventbus-benches --bin eventbus-bench -- --levels all --repeats 3
+//! # OpenMessaging Benchmark workload files in, OMB result JSON out (target/eventbus-bench/omb/):
+//! cargo run --release -p eventbus-benches --bin eventbus-bench -- \
+//!     --workload benches/workloads/1-topic-16-partitions-100b.yaml --duration-secs 60
 //! ```
 
+mod alloc;
+mod latency;
+mod omb;
 mod raw;
 mod report;
 mod targets;
+mod timeline;
 mod workload;
 
 use std::path::PathBuf;
@@ -22,7 +29,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use targets::{Knobs, RunResult, Target};
-use workload::{Level, PayloadKind};
+use workload::{Level, PayloadKind, Shape};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -87,6 +94,19 @@ struct Args {
     /// rate); report the highest rate that passed per target and level.
     #[arg(long)]
     sweep_p99_ms: Option<f64>,
+    /// OpenMessaging Benchmark workload files (YAML), comma-separated: run these instead of
+    /// the seed levels, and write one OMB result JSON per run into `--omb-dir`.
+    #[arg(long, value_delimiter = ',')]
+    workload: Vec<PathBuf>,
+    /// Workload files: run this many seconds instead of `testDurationMinutes`.
+    #[arg(long)]
+    duration_secs: Option<f64>,
+    /// Workload files: seconds per reported period (OMB reports every 10 s).
+    #[arg(long, default_value_t = 10.0)]
+    period_secs: f64,
+    /// Workload files: where the OMB result JSON files go.
+    #[arg(long, default_value = "target/eventbus-bench/omb")]
+    omb_dir: PathBuf,
     /// Where to write the JSON report.
     #[arg(long, default_value = "target/eventbus-bench/report.json")]
     json: PathBuf,
@@ -173,7 +193,46 @@ fn main() -> ExitCode {
         kafka_fetch_wait_ms: args
             .kafka_fetch_wait_ms
             .unwrap_or(eventbus::kafka::DEFAULT_FETCH_WAIT.as_millis() as u64),
+        publishers_per_topic: None,
+        period: None,
     };
+    // What to run: the seed levels, or the workload files (each with its own knobs).
+    let mut scenarios: Vec<(Shape, Knobs, Option<omb::Workload>)> = Vec::new();
+    if args.workload.is_empty() {
+        scenarios.extend(
+            levels
+                .iter()
+                .map(|l| (Shape::level(*l), knobs.clone(), None)),
+        );
+    } else {
+        let Ok(period) = Duration::try_from_secs_f64(args.period_secs) else {
+            eprintln!("error: --period-secs must be a positive number of seconds");
+            return ExitCode::from(2);
+        };
+        for path in &args.workload {
+            let w = match omb::Workload::load(path) {
+                Ok(w) => w,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let duration = match w.duration(args.duration_secs) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let k = Knobs {
+                rate: Some(w.producer_rate),
+                publishers_per_topic: Some(w.producers_per_topic),
+                period: Some(period),
+                ..knobs.clone()
+            };
+            scenarios.push((w.shape(duration), k, Some(w)));
+        }
+    }
     let mut targets = args.targets.clone();
     if targets.is_empty() {
         targets.push(Target::Memory);
@@ -214,22 +273,22 @@ fn main() -> ExitCode {
             &args.json,
         );
     }
-    let total = levels.len() * args.repeats.max(1) * targets.len();
+    let total = scenarios.len() * args.repeats.max(1) * targets.len();
     let mut results: Vec<RunResult> = Vec::new();
     let mut failed = false;
     let mut done = 0;
-    for level in &levels {
+    for (shape, k, workload) in &scenarios {
         for repeat in 1..=args.repeats.max(1) {
             // Interleaved: every target runs once before any runs twice.
             for target in &targets {
                 done += 1;
                 eprint!(
                     "[{done:>3}/{total}] {:<10} {:<12} run {repeat}/{} ... ",
-                    level.name(),
+                    shape.name,
                     target.name(),
                     args.repeats.max(1)
                 );
-                match runtime.block_on(targets::run(*target, *level, repeat, &knobs)) {
+                match runtime.block_on(targets::run(*target, shape, repeat, k)) {
                     Ok(r) => {
                         eprintln!(
                             "{:>9.0} msg/s e2e, {:>9.0} msg/s acked, lost {}, order {}",
@@ -243,6 +302,15 @@ fn main() -> ExitCode {
                         {
                             failed = true;
                         }
+                        if let Some(w) = workload {
+                            match write_omb(&args.omb_dir, w, *target, &r) {
+                                Ok(path) => eprintln!("    wrote {}", path.display()),
+                                Err(e) => {
+                                    eprintln!("error: {e}");
+                                    failed = true;
+                                }
+                            }
+                        }
                         results.push(r);
                     }
                     Err(e) => {
@@ -254,9 +322,10 @@ fn main() -> ExitCode {
         }
     }
     let summaries = report::summarize(&results);
-    println!("{}", report::header());
+    let width = report::name_width(&summaries);
+    println!("{}", report::header(width));
     for s in &summaries {
-        println!("{}", report::row(s));
+        println!("{}", report::row(s, width));
     }
     println!(
         "medians of {} run(s) per row; \"vs raw\" = bus e2e / raw e2e on the same broker (send in parentheses); \
@@ -267,6 +336,7 @@ fn main() -> ExitCode {
         "tool": "eventbus-bench",
         "version": env!("CARGO_PKG_VERSION"),
         "machine": { "cores": cores, "os": std::env::consts::OS, "arch": std::env::consts::ARCH },
+        "allocator": alloc::name(),
         "brokers": {
             "nats": knobs.nats_url.as_ref().map(|_| "nats-server (see docs/benchmarks.md)"),
             "kafka": knobs.kafka_brokers.as_ref().map(|_| "Tansu 0.6.0, Kafka protocol, memory storage"),
@@ -301,6 +371,30 @@ fn main() -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// Writes one run's OMB result JSON as `<dir>/<workload>-<driver>-<run>.json`.
+fn write_omb(
+    dir: &std::path::Path,
+    w: &omb::Workload,
+    target: Target,
+    r: &RunResult,
+) -> Result<PathBuf, String> {
+    let slug: String = w
+        .name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect::<String>()
+        .split('-')
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join("-");
+    let path = dir.join(format!("{slug}-{}-{}.json", target.name(), r.repeat));
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let body = serde_json::to_string_pretty(&omb::result_json(w, target, r))
+        .map_err(|e| format!("cannot encode the OMB result: {e}"))?;
+    std::fs::write(&path, body).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok(path)
 }
 
 /// One rate tried by the sweep.
@@ -341,15 +435,16 @@ fn sweep(
                     ..knobs.clone()
                 };
                 let runs: Vec<RunResult> = (1..=repeats)
-                    .filter_map(
-                        |r| match runtime.block_on(targets::run(*target, *level, r, &k)) {
+                    .filter_map(|r| {
+                        match runtime.block_on(targets::run(*target, &Shape::level(*level), r, &k))
+                        {
                             Ok(r) => Some(r),
                             Err(e) => {
                                 eprintln!("{} at {rate} msg/s failed: {e}", target.name());
                                 None
                             }
-                        },
-                    )
+                        }
+                    })
                     .collect();
                 if runs.len() < repeats {
                     failed = true;

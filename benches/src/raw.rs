@@ -17,14 +17,13 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message as _};
 
+use crate::targets::publishers;
 use crate::targets::{
     collect_acks, result, watch, Knobs, Pacer, Peaks, Plan, RunResult, SendClock, Target,
 };
-use crate::workload::{Checker, Level, TOPICS};
+use crate::workload::{Checker, Shape};
 
 const WARMUP_DEADLINE: Duration = Duration::from_secs(60);
-/// Partitions of the raw Kafka topics: the bus's default.
-const KAFKA_PARTITIONS: i32 = 16;
 
 fn ok<T, E>(r: Result<T, E>) -> bool {
     r.is_ok()
@@ -35,9 +34,9 @@ fn delivered<C>(r: Result<rdkafka::producer::future_producer::OwnedDeliveryResul
     matches!(r, Ok(Ok(_)))
 }
 
-async fn wait_warm(warm: &AtomicUsize, what: &str) -> Result<(), String> {
+async fn wait_warm(warm: &AtomicUsize, topics: usize, what: &str) -> Result<(), String> {
     let start = Instant::now();
-    while warm.load(Ordering::Relaxed) < TOPICS {
+    while warm.load(Ordering::Relaxed) < topics {
         if start.elapsed() > WARMUP_DEADLINE {
             return Err(format!("{what}: warm-up messages never arrived"));
         }
@@ -64,7 +63,7 @@ pub(crate) async fn delete_nats_streams(url: &str, names: impl Iterator<Item = S
 /// async-nats: JetStream publish with the same in-flight window, one pull consumer per topic.
 pub async fn nats(
     target: Target,
-    level: Level,
+    shape: &Shape,
     repeat: usize,
     k: &Knobs,
 ) -> Result<RunResult, String> {
@@ -72,11 +71,11 @@ pub async fn nats(
         .nats_url
         .clone()
         .ok_or("no NATS address (--nats-url or EVENTBUS_NATS_URL)")?;
-    let plan = Arc::new(Plan::new(level));
+    let plan = Arc::new(Plan::new(shape));
     let n = plan.messages();
     let clock = Arc::new(SendClock::new(n));
     let acked = Arc::new(AtomicUsize::new(0));
-    let mut peaks = Peaks::reset();
+    let mut peaks = Peaks::reset(k);
     let client = async_nats::connect(&url)
         .await
         .map_err(|e| format!("cannot connect to NATS at {url}: {e}"))?;
@@ -92,7 +91,7 @@ pub async fn nats(
     let checker = Arc::new(Checker::new(plan.aggregates, plan.versions, false));
     let warm = Arc::new(AtomicUsize::new(0));
     let mut consumers = Vec::new();
-    let stream_names: Vec<String> = (0..TOPICS)
+    let stream_names: Vec<String> = (0..plan.topics())
         .map(|t| format!("RAW_{}", plan.topic(t)))
         .collect();
     for (t, name) in stream_names.iter().enumerate() {
@@ -140,19 +139,19 @@ pub async fn nats(
             }
         }));
     }
-    for t in 0..TOPICS {
+    for t in 0..plan.topics() {
         let ack = js
             .publish(plan.topic(t), warmup().into())
             .await
             .map_err(|e| e.to_string())?;
         ack.await.map_err(|e| e.to_string())?;
     }
-    wait_warm(&warm, target.name()).await?;
+    wait_warm(&warm, plan.topics(), target.name()).await?;
 
     let (tx, rx) = tokio::sync::mpsc::channel(k.window);
     let collector = tokio::spawn(collect_acks(rx, clock.clone(), acked.clone()));
     let start = Instant::now();
-    let publishers = k.publishers.clamp(1, plan.aggregates);
+    let publishers = publishers(&plan, k);
     let mut tasks = Vec::new();
     let pacer = Pacer::new(k.rate, publishers);
     for p in 0..publishers {
@@ -187,7 +186,7 @@ pub async fn nats(
                     let seq = plan.seq(agg, v);
                     clock.sent(seq, due.map(|(at, _)| at));
                     let ack = js
-                        .send_publish(plan.topic(agg % TOPICS), msg)
+                        .send_publish(plan.topic(plan.topic_of(agg)), msg)
                         .await
                         .map_err(|e| e.to_string())?;
                     let fut = ack.into_future().map(ok as fn(_) -> bool);
@@ -200,12 +199,14 @@ pub async fn nats(
         }));
     }
     drop(tx);
-    let (send, e2e) = watch(&checker, &acked, n, start, &mut peaks).await;
+    let (send, e2e) = watch(&checker, &clock, &acked, n, start, &mut peaks).await;
     for t in tasks {
         t.await.map_err(|e| e.to_string())??;
     }
     let _ = collector.await;
-    let r = result(target, &plan, repeat, send, e2e, &clock, &checker, &peaks);
+    let r = result(
+        target, &plan, repeat, send, e2e, &clock, &checker, &mut peaks,
+    );
     for c in consumers {
         c.abort();
     }
@@ -214,16 +215,16 @@ pub async fn nats(
 }
 
 /// rdkafka: an idempotent LZ4 producer as the bus configures it, one consumer per topic.
-pub async fn kafka(level: Level, repeat: usize, k: &Knobs) -> Result<RunResult, String> {
+pub async fn kafka(shape: &Shape, repeat: usize, k: &Knobs) -> Result<RunResult, String> {
     let brokers = k
         .kafka_brokers
         .clone()
         .ok_or("no Kafka address (--kafka-brokers or EVENTBUS_KAFKA_BROKERS)")?;
-    let plan = Arc::new(Plan::new(level));
+    let plan = Arc::new(Plan::new(shape));
     let n = plan.messages();
     let clock = Arc::new(SendClock::new(n));
     let acked = Arc::new(AtomicUsize::new(0));
-    let mut peaks = Peaks::reset();
+    let mut peaks = Peaks::reset(k);
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .set("enable.idempotence", "true")
@@ -237,12 +238,12 @@ pub async fn kafka(level: Level, repeat: usize, k: &Knobs) -> Result<RunResult, 
         .set("bootstrap.servers", &brokers)
         .create()
         .map_err(|e| e.to_string())?;
-    let topics: Vec<String> = (0..TOPICS)
+    let topics: Vec<String> = (0..plan.topics())
         .map(|t| format!("raw-{}", plan.topic(t)))
         .collect();
     let new: Vec<NewTopic<'_>> = topics
         .iter()
-        .map(|t| NewTopic::new(t, KAFKA_PARTITIONS, TopicReplication::Fixed(1)))
+        .map(|t| NewTopic::new(t, plan.shape.partitions, TopicReplication::Fixed(1)))
         .collect();
     admin
         .create_topics(new.iter(), &AdminOptions::new())
@@ -282,12 +283,12 @@ pub async fn kafka(level: Level, repeat: usize, k: &Knobs) -> Result<RunResult, 
             .map_err(|(e, _)| e.to_string())?;
         let _ = f.await;
     }
-    wait_warm(&warm, "raw-kafka").await?;
+    wait_warm(&warm, plan.topics(), "raw-kafka").await?;
 
     let (tx, rx) = tokio::sync::mpsc::channel(k.window);
     let collector = tokio::spawn(collect_acks(rx, clock.clone(), acked.clone()));
     let start = Instant::now();
-    let publishers = k.publishers.clamp(1, plan.aggregates);
+    let publishers = publishers(&plan, k);
     let mut tasks = Vec::new();
     let topics = Arc::new(topics);
     let pacer = Pacer::new(k.rate, publishers);
@@ -316,7 +317,7 @@ pub async fn kafka(level: Level, repeat: usize, k: &Knobs) -> Result<RunResult, 
                         });
                     }
                     let body = e.to_json().map_err(|e| e.to_string())?;
-                    let mut record = FutureRecord::to(&topics[agg % TOPICS])
+                    let mut record = FutureRecord::to(&topics[plan.topic_of(agg)])
                         .payload(&body)
                         .key(e.aggregate_id.as_str())
                         .headers(headers);
@@ -344,7 +345,7 @@ pub async fn kafka(level: Level, repeat: usize, k: &Knobs) -> Result<RunResult, 
         }));
     }
     drop(tx);
-    let (send, e2e) = watch(&checker, &acked, n, start, &mut peaks).await;
+    let (send, e2e) = watch(&checker, &clock, &acked, n, start, &mut peaks).await;
     for t in tasks {
         t.await.map_err(|e| e.to_string())??;
     }
@@ -357,7 +358,7 @@ pub async fn kafka(level: Level, repeat: usize, k: &Knobs) -> Result<RunResult, 
         e2e,
         &clock,
         &checker,
-        &peaks,
+        &mut peaks,
     );
     for c in consumers {
         c.abort();

@@ -3,12 +3,12 @@
 use std::collections::BTreeMap;
 
 use crate::targets::{RunResult, Target};
-use crate::workload::Level;
 
 /// Medians of the repeated runs of one target at one level.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Summary {
-    pub level: Level,
+    /// The seed level's or the workload's name.
+    pub level: String,
     pub target: Target,
     pub storage: &'static str,
     pub runs: usize,
@@ -24,6 +24,8 @@ pub struct Summary {
     pub peak_rss_mb: f64,
     pub peak_tasks: usize,
     pub peak_threads: usize,
+    /// Allocations per message (`alloc-count` builds only).
+    pub allocs_per_message: Option<f64>,
     /// Summed over the runs; `None` for raw baselines (they do not check order).
     pub ordering_violations: Option<u64>,
     pub lost: u64,
@@ -48,10 +50,17 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub fn summarize(results: &[RunResult]) -> Vec<Summary> {
+    // Scenarios in the order they ran; targets in their declared order.
+    let mut scenarios: Vec<&str> = Vec::new();
+    for r in results {
+        if !scenarios.contains(&r.scenario.as_str()) {
+            scenarios.push(&r.scenario);
+        }
+    }
     let mut groups: BTreeMap<(usize, usize), Vec<&RunResult>> = BTreeMap::new();
     for r in results {
-        let li = Level::ALL.iter().position(|l| *l == r.level).unwrap_or(0);
-        groups.entry((li, r.target as usize)).or_default().push(r);
+        let si = scenarios.iter().position(|s| *s == r.scenario).unwrap_or(0);
+        groups.entry((si, r.target as usize)).or_default().push(r);
     }
     let mut out: Vec<Summary> = groups
         .values()
@@ -59,7 +68,7 @@ pub fn summarize(results: &[RunResult]) -> Vec<Summary> {
             let f = |g: &dyn Fn(&RunResult) -> f64| median(runs.iter().map(|r| g(r)).collect());
             let first = runs[0];
             Summary {
-                level: first.level,
+                level: first.scenario.clone(),
                 target: first.target,
                 storage: first.storage,
                 runs: runs.len(),
@@ -75,6 +84,9 @@ pub fn summarize(results: &[RunResult]) -> Vec<Summary> {
                 peak_rss_mb: f(&|r| r.peak_rss_mb),
                 peak_tasks: runs.iter().map(|r| r.peak_tasks).max().unwrap_or(0),
                 peak_threads: runs.iter().map(|r| r.peak_threads).max().unwrap_or(0),
+                allocs_per_message: first
+                    .allocs_per_message
+                    .map(|_| f(&|r| r.allocs_per_message.unwrap_or(0.0))),
                 ordering_violations: if first.target.is_raw() {
                     None
                 } else {
@@ -102,19 +114,29 @@ pub fn summarize(results: &[RunResult]) -> Vec<Summary> {
     out
 }
 
-pub fn header() -> String {
+/// Width of the first column: the longest scenario name.
+pub fn name_width(summaries: &[Summary]) -> usize {
+    summaries
+        .iter()
+        .map(|s| s.level.len())
+        .max()
+        .unwrap_or(0)
+        .max(11)
+}
+
+pub fn header(width: usize) -> String {
     format!(
-        "{:<11} {:<13} {:>4} {:>10} {:>10} {:>6} {:>6} {:>8} {:>8} {:>8} {:>8} {:>7} {:>5} {:>4} {:>4} {:>6} {:>4} {:>7}",
+        "{:<width$} {:<13} {:>4} {:>10} {:>10} {:>6} {:>6} {:>8} {:>8} {:>8} {:>8} {:>7} {:>5} {:>4} {:>4} {:>6} {:>4} {:>7} {:>6}",
         "level", "target", "runs", "send/s", "e2e/s", "vs raw", "(send)", "ack p50", "ack p99",
-        "e2e p50", "e2e p99", "rss MB", "tasks", "thr", "ordr", "lost", "dup", "max ms"
+        "e2e p50", "e2e p99", "rss MB", "tasks", "thr", "ordr", "lost", "dup", "max ms", "al/msg"
     )
 }
 
-pub fn row(s: &Summary) -> String {
+pub fn row(s: &Summary, width: usize) -> String {
     let ratio = |r: Option<f64>| r.map_or("-".to_string(), |v| format!("{v:.2}"));
     format!(
-        "{:<11} {:<13} {:>4} {:>10.0} {:>10.0} {:>6} {:>6} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7.1} {:>5} {:>4} {:>4} {:>6} {:>4} {:>7.1}",
-        s.level.name(),
+        "{:<width$} {:<13} {:>4} {:>10.0} {:>10.0} {:>6} {:>6} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7.1} {:>5} {:>4} {:>4} {:>6} {:>4} {:>7.1} {:>6}",
+        s.level,
         s.target.name(),
         s.runs,
         s.send_per_sec,
@@ -132,15 +154,19 @@ pub fn row(s: &Summary) -> String {
         s.lost,
         s.duplicates,
         s.e2e_max_ms,
+        s.allocs_per_message
+            .map_or("-".to_string(), |a| format!("{a:.1}")),
     )
 }
 
 /// A grouped bar chart of median end-to-end throughput (log scale), one group per level.
 pub fn svg(summaries: &[Summary]) -> String {
-    let levels: Vec<Level> = Level::ALL
-        .into_iter()
-        .filter(|l| summaries.iter().any(|s| s.level == *l))
-        .collect();
+    let mut levels: Vec<&str> = Vec::new();
+    for s in summaries {
+        if !levels.contains(&s.level.as_str()) {
+            levels.push(&s.level);
+        }
+    }
     let mut targets: Vec<Target> = Vec::new();
     for s in summaries {
         if !targets.contains(&s.target) {
@@ -185,7 +211,7 @@ pub fn svg(summaries: &[Summary]) -> String {
                     (bar_w - 2.0).max(1.0),
                     (top + plot_h - yy).max(0.0),
                     colors[ti % colors.len()],
-                    level.name(),
+                    level,
                     target.name(),
                     s.e2e_per_sec
                 );
@@ -195,7 +221,7 @@ pub fn svg(summaries: &[Summary]) -> String {
             "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\n",
             gx + (group_w - 20.0) / 2.0,
             top + plot_h + 18.0,
-            level.name()
+            level
         );
     }
     for (ti, target) in targets.iter().enumerate() {

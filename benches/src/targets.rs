@@ -1,13 +1,15 @@
 //! One measured run of one target: the bus over a backend, or a raw client baseline.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use eventbus::{BackendConfig, BusConfig, Compression, Envelope, EventBus, HandlerError};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 
-use crate::workload::{envelope, Checker, Level, PayloadKind, Percentiles, TOPICS};
+use crate::latency::{Latencies, Percentiles};
+use crate::timeline::Timeline;
+use crate::workload::{envelope, Checker, Level, PayloadKind, Shape};
 
 /// Longest a run may take before what is missing counts as lost.
 const RUN_DEADLINE: Duration = Duration::from_secs(600);
@@ -92,6 +94,10 @@ pub struct Knobs {
     pub kafka_fetch_wait_ms: u64,
     /// Open loop: total publish rate in msg/s (`None`: as fast as the window allows).
     pub rate: Option<f64>,
+    /// Publisher tasks per topic (`None`: `publishers` in all).
+    pub publishers_per_topic: Option<usize>,
+    /// Sample rates and latencies per period of this length (workload-file runs).
+    pub period: Option<Duration>,
 }
 
 /// The open-loop schedule: message `i` of publisher `p` is due at `start + (i·P + p) / rate`,
@@ -158,7 +164,11 @@ impl Knobs {
 pub struct RunResult {
     pub target: Target,
     pub storage: &'static str,
-    pub level: Level,
+    /// The seed level (`None` for a workload file's run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub level: Option<Level>,
+    /// The level's or the workload's name.
+    pub scenario: String,
     pub repeat: usize,
     pub messages: usize,
     pub aggregates: usize,
@@ -171,10 +181,16 @@ pub struct RunResult {
     pub peak_rss_mb: f64,
     pub peak_tasks: usize,
     pub peak_threads: usize,
+    /// Allocations per message over the whole run, both sides and the workload included
+    /// (`None` unless built with the `alloc-count` feature).
+    pub allocs_per_message: Option<f64>,
     /// `None` for raw baselines: they check nothing about order.
     pub ordering_violations: Option<u64>,
     pub lost: u64,
     pub duplicates: u64,
+    /// Per-period samples (workload-file runs only).
+    #[serde(skip)]
+    pub timeline: Option<Timeline>,
 }
 
 fn proc_status(field: &str) -> Option<f64> {
@@ -192,7 +208,7 @@ fn proc_status(field: &str) -> Option<f64> {
 pub(crate) struct SendClock {
     start: Instant,
     sent_ns: Vec<AtomicU64>,
-    acked_us: Mutex<Vec<u32>>,
+    pub(crate) acked: Latencies,
 }
 
 impl SendClock {
@@ -200,7 +216,7 @@ impl SendClock {
         Self {
             start: Instant::now(),
             sent_ns: (0..n).map(|_| AtomicU64::new(0)).collect(),
-            acked_us: Mutex::new(Vec::with_capacity(n)),
+            acked: Latencies::new(),
         }
     }
 
@@ -220,10 +236,8 @@ impl SendClock {
             return;
         };
         let now = self.start.elapsed().as_nanos() as u64;
-        let us = (now.saturating_sub(sent.load(Ordering::Relaxed)) / 1000).min(u32::MAX as u64);
-        if let Ok(mut v) = self.acked_us.lock() {
-            v.push(us as u32);
-        }
+        self.acked
+            .record_us(now.saturating_sub(sent.load(Ordering::Relaxed)) / 1000);
     }
 }
 
@@ -231,15 +245,19 @@ impl SendClock {
 pub(crate) struct Peaks {
     tasks: usize,
     threads: usize,
+    allocations_at_start: Option<u64>,
+    timeline: Option<Timeline>,
 }
 
 impl Peaks {
-    pub(crate) fn reset() -> Self {
+    pub(crate) fn reset(k: &Knobs) -> Self {
         // Writing 5 resets the kernel's peak-RSS mark, so VmHWM is this run's peak.
         let _ = std::fs::write("/proc/self/clear_refs", "5");
         Self {
             tasks: 0,
             threads: 0,
+            allocations_at_start: crate::alloc::allocations(),
+            timeline: k.period.map(Timeline::new),
         }
     }
 
@@ -257,29 +275,50 @@ impl Peaks {
 
 /// The envelopes of one run, in publishing order per publisher.
 pub(crate) struct Plan {
-    pub(crate) level: Level,
+    pub(crate) shape: Shape,
     pub(crate) aggregates: usize,
     pub(crate) versions: usize,
     pub(crate) run_id: String,
 }
 
 impl Plan {
-    pub(crate) fn new(level: Level) -> Self {
+    pub(crate) fn new(shape: &Shape) -> Self {
         let id = eventbus::new_event_id();
         Self {
-            level,
-            aggregates: level.aggregates(),
-            versions: level.messages() / level.aggregates(),
+            shape: shape.clone(),
+            aggregates: shape.aggregates,
+            versions: shape.versions,
             run_id: id[id.len() - 8..].to_string(),
         }
     }
 
+    pub(crate) fn topics(&self) -> usize {
+        self.shape.topics.max(1)
+    }
+
+    /// The topic of aggregate `agg`'s events.
+    pub(crate) fn topic_of(&self, agg: usize) -> usize {
+        agg % self.topics()
+    }
+
     pub(crate) fn messages(&self) -> usize {
-        self.aggregates * self.versions
+        self.shape.messages()
     }
 
     pub(crate) fn topic(&self, t: usize) -> String {
-        format!("bench-{}-{}-{t}", self.level.name(), self.run_id)
+        let name: String = self
+            .shape
+            .name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        format!("bench-{name}-{}-{t}", self.run_id)
     }
 
     /// Sequence number of (aggregate, version): also the event id.
@@ -288,7 +327,8 @@ impl Plan {
     }
 
     pub(crate) fn event(&self, k: &Knobs, agg: usize, version: usize) -> Envelope {
-        envelope(k.payload, k.payload_bytes, agg, version).with_event_id(format!(
+        let bytes = self.shape.payload_bytes.unwrap_or(k.payload_bytes);
+        envelope(k.payload, bytes, agg, version).with_event_id(format!(
             "{}-{}",
             self.run_id,
             self.seq(agg, version)
@@ -300,9 +340,11 @@ fn seq_of(event_id: &str) -> Option<usize> {
     event_id.rsplit('-').next()?.parse().ok()
 }
 
-/// Waits for the run to finish, sampling peaks. Returns (acked time, delivered time).
+/// Waits for the run to finish, sampling peaks (and the timeline's periods, if any).
+/// Returns (acked time, delivered time).
 pub(crate) async fn watch(
     checker: &Checker,
+    clock: &SendClock,
     acked: &AtomicUsize,
     messages: usize,
     start: Instant,
@@ -311,12 +353,19 @@ pub(crate) async fn watch(
     let mut acked_at = None;
     loop {
         peaks.sample();
-        if acked_at.is_none() && acked.load(Ordering::Relaxed) >= messages {
+        let done = acked.load(Ordering::Relaxed);
+        if let Some(t) = peaks.timeline.as_mut() {
+            t.sample(start, done as u64, checker, clock);
+        }
+        if acked_at.is_none() && done >= messages {
             acked_at = Some(start.elapsed());
         }
         let delivered = checker.delivered() as usize >= messages;
         if (delivered && acked_at.is_some()) || start.elapsed() > RUN_DEADLINE {
             let e2e = start.elapsed();
+            if let Some(t) = peaks.timeline.as_mut() {
+                t.finish(start, done as u64, checker, clock);
+            }
             return (acked_at.unwrap_or(e2e), e2e);
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -332,49 +381,61 @@ pub(crate) fn result(
     e2e: Duration,
     clock: &SendClock,
     checker: &Checker,
-    peaks: &Peaks,
+    peaks: &mut Peaks,
 ) -> RunResult {
     let n = plan.messages();
     let (lost, duplicates) = checker.losses();
     RunResult {
         target,
         storage: target.storage(),
-        level: plan.level,
+        level: plan.shape.level,
+        scenario: plan.shape.name.clone(),
         repeat,
         messages: n,
         aggregates: plan.aggregates,
         send_per_sec: n as f64 / send.as_secs_f64(),
         e2e_per_sec: n as f64 / e2e.as_secs_f64(),
-        publish_ack_latency: Percentiles::of(
-            clock.acked_us.lock().map(|v| v.clone()).unwrap_or_default(),
-        ),
-        e2e_latency: Percentiles::of(checker.latencies()),
+        publish_ack_latency: clock.acked.percentiles(),
+        e2e_latency: checker.latencies().percentiles(),
         peak_rss_mb: proc_status("VmHWM:").unwrap_or(0.0) / 1024.0,
         peak_tasks: peaks.tasks,
         peak_threads: peaks.threads,
+        allocs_per_message: peaks
+            .allocations_at_start
+            .zip(crate::alloc::allocations())
+            .map(|(start, now)| now.saturating_sub(start) as f64 / n.max(1) as f64),
         ordering_violations: checker.violations(),
         lost,
         duplicates,
+        timeline: peaks.timeline.take(),
     }
 }
 
-/// Runs `target` once at `level`.
+/// Runs `target` once with `shape`.
 pub async fn run(
     target: Target,
-    level: Level,
+    shape: &Shape,
     repeat: usize,
     k: &Knobs,
 ) -> Result<RunResult, String> {
     match target {
         Target::Memory | Target::Nats | Target::NatsMem | Target::Kafka => {
-            run_bus(target, level, repeat, k).await
+            run_bus(target, shape, repeat, k).await
         }
-        Target::RawNats | Target::RawNatsMem => crate::raw::nats(target, level, repeat, k).await,
-        Target::RawKafka => crate::raw::kafka(level, repeat, k).await,
+        Target::RawNats | Target::RawNatsMem => crate::raw::nats(target, shape, repeat, k).await,
+        Target::RawKafka => crate::raw::kafka(shape, repeat, k).await,
     }
 }
 
-fn backend(target: Target, k: &Knobs) -> Result<BackendConfig, String> {
+/// Publisher tasks of a run: `publishers_per_topic` per topic, or `publishers` in all; never
+/// more than there are aggregates.
+pub(crate) fn publishers(plan: &Plan, k: &Knobs) -> usize {
+    k.publishers_per_topic
+        .map_or(k.publishers, |p| p * plan.topics())
+        .clamp(1, plan.aggregates.max(1))
+}
+
+fn backend(target: Target, plan: &Plan, k: &Knobs) -> Result<BackendConfig, String> {
     match target {
         Target::Memory => BackendConfig::from_url("memory://").map_err(|e| e.to_string()),
         Target::Nats | Target::NatsMem => {
@@ -397,6 +458,7 @@ fn backend(target: Target, k: &Knobs) -> Result<BackendConfig, String> {
             let mut c = eventbus::kafka::KafkaConfig::new(brokers);
             c.consumer.session_timeout = Duration::from_secs(6);
             c.consumer.fetch_wait = Duration::from_millis(k.kafka_fetch_wait_ms);
+            c.topic.partitions = plan.shape.partitions;
             Ok(BackendConfig::Kafka(c))
         }
         _ => Err("not a bus target".into()),
@@ -405,11 +467,11 @@ fn backend(target: Target, k: &Knobs) -> Result<BackendConfig, String> {
 
 async fn run_bus(
     target: Target,
-    level: Level,
+    shape: &Shape,
     repeat: usize,
     k: &Knobs,
 ) -> Result<RunResult, String> {
-    let plan = Arc::new(Plan::new(level));
+    let plan = Arc::new(Plan::new(shape));
     let n = plan.messages();
     let clock = Arc::new(SendClock::new(n));
     let acked = Arc::new(AtomicUsize::new(0));
@@ -427,13 +489,13 @@ async fn run_bus(
             }
         });
     config.publish.results_capacity = k.window;
-    let mut peaks = Peaks::reset();
-    let bus: EventBus = eventbus::connect(backend(target, k)?, config)
+    let mut peaks = Peaks::reset(k);
+    let bus: EventBus = eventbus::connect(backend(target, &plan, k)?, config)
         .await
         .map_err(|e| format!("{}: {e}", target.name()))?;
     let checker = Arc::new(Checker::new(plan.aggregates, plan.versions, true));
     let warm = Arc::new(AtomicUsize::new(0));
-    for t in 0..TOPICS {
+    for t in 0..plan.topics() {
         let (c, w) = (checker.clone(), warm.clone());
         bus.subscribe_envelope(
             &plan.topic(t),
@@ -452,14 +514,14 @@ async fn run_bus(
         .map_err(|e| e.to_string())?;
     }
     // Warm-up: one message per topic, so stream creation and group joins are not timed.
-    for t in 0..TOPICS {
+    for t in 0..plan.topics() {
         let e = Envelope::new("warmup", "warmup", 1, serde_json::Value::Null);
         bus.publish_envelope(&plan.topic(t), &e)
             .await
             .map_err(|e| e.to_string())?;
     }
     let started = Instant::now();
-    while warm.load(Ordering::Relaxed) < TOPICS {
+    while warm.load(Ordering::Relaxed) < plan.topics() {
         if started.elapsed() > WARMUP_DEADLINE {
             return Err(format!("{}: warm-up messages never arrived", target.name()));
         }
@@ -469,7 +531,7 @@ async fn run_bus(
     acked.store(0, Ordering::Relaxed);
 
     let start = Instant::now();
-    let publishers = k.publishers.clamp(1, plan.aggregates);
+    let publishers = publishers(&plan, k);
     let mut tasks = Vec::new();
     let pacer = Pacer::new(k.rate, publishers);
     for p in 0..publishers {
@@ -482,19 +544,22 @@ async fn run_bus(
                     i += 1;
                     let e = Pacer::stamp(due, plan.event(&k, agg, v));
                     clock.sent(plan.seq(agg, v), due.map(|(at, _)| at));
-                    bus.publish_envelope(&plan.topic(agg % TOPICS), &e).await?;
+                    bus.publish_envelope(&plan.topic(plan.topic_of(agg)), &e)
+                        .await?;
                 }
             }
             Ok::<(), eventbus::BusError>(())
         }));
     }
-    let (send, e2e) = watch(&checker, &acked, n, start, &mut peaks).await;
+    let (send, e2e) = watch(&checker, &clock, &acked, n, start, &mut peaks).await;
     for t in tasks {
         t.await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
     }
-    let r = result(target, &plan, repeat, send, e2e, &clock, &checker, &peaks);
+    let r = result(
+        target, &plan, repeat, send, e2e, &clock, &checker, &mut peaks,
+    );
     bus.close().await.map_err(|e| e.to_string())?;
     if let Some(url) = k
         .nats_url
@@ -503,7 +568,7 @@ async fn run_bus(
     {
         crate::raw::delete_nats_streams(
             url,
-            (0..TOPICS).map(|t| format!("EB_{}", plan.topic(t).replace('.', "_"))),
+            (0..plan.topics()).map(|t| format!("EB_{}", plan.topic(t).replace('.', "_"))),
         )
         .await;
     }

@@ -1,13 +1,50 @@
 //! The seed's workload: levels, envelopes, payloads, and the consumer-side checker.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
-use std::sync::Mutex;
-
 use eventbus::Envelope;
 use serde_json::json;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
 
-/// Topics the aggregates are spread over.
+use crate::latency::Latencies;
+
+/// Topics the aggregates of a seed level are spread over.
 pub const TOPICS: usize = 4;
+/// Kafka partitions per topic of a seed level: the bus's default.
+pub const PARTITIONS: i32 = 16;
+
+/// What one run publishes: a seed level, or an OpenMessaging workload file's shape.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Shape {
+    /// The seed level, when it is one.
+    pub level: Option<Level>,
+    /// The level's or the workload's name.
+    pub name: String,
+    pub aggregates: usize,
+    /// Events per aggregate.
+    pub versions: usize,
+    pub topics: usize,
+    /// Kafka partitions per topic (NATS: one stream per topic, whatever this says).
+    pub partitions: i32,
+    /// Payload size in bytes (`None`: the `--payload-bytes` knob).
+    pub payload_bytes: Option<usize>,
+}
+
+impl Shape {
+    pub fn level(level: Level) -> Self {
+        Self {
+            level: Some(level),
+            name: level.name().to_string(),
+            aggregates: level.aggregates(),
+            versions: level.messages() / level.aggregates(),
+            topics: TOPICS,
+            partitions: PARTITIONS,
+            payload_bytes: None,
+        }
+    }
+
+    pub fn messages(&self) -> usize {
+        self.aggregates * self.versions
+    }
+}
 
 /// Pressure levels of the seed plus two scale levels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -122,29 +159,36 @@ pub fn envelope(kind: PayloadKind, bytes: usize, agg: usize, version: usize) -> 
     )
 }
 
-/// Per-aggregate order, loss and duplicate accounting; lock-free except the latency list.
+/// Per-aggregate order, loss and duplicate accounting; lock-free except the latency histogram.
 pub struct Checker {
+    aggregates: usize,
     versions: usize,
+    /// Last version seen per aggregate (empty when there is no order to check: one event per
+    /// aggregate, or a raw baseline).
     last_version: Vec<AtomicI64>,
     seen: Vec<AtomicU8>,
     violations: AtomicU64,
     delivered: AtomicU64,
     check_order: bool,
-    latencies_us: Mutex<Vec<u32>>,
+    latencies: Latencies,
 }
 
 impl Checker {
     pub fn new(aggregates: usize, versions: usize, check_order: bool) -> Self {
+        let track = check_order && versions > 1;
         Self {
+            aggregates,
             versions,
-            last_version: (0..aggregates).map(|_| AtomicI64::new(0)).collect(),
+            last_version: (0..if track { aggregates } else { 0 })
+                .map(|_| AtomicI64::new(0))
+                .collect(),
             seen: (0..aggregates * versions)
                 .map(|_| AtomicU8::new(0))
                 .collect(),
             violations: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             check_order,
-            latencies_us: Mutex::new(Vec::with_capacity(aggregates * versions)),
+            latencies: Latencies::new(),
         }
     }
 
@@ -155,14 +199,14 @@ impl Checker {
             .aggregate_id
             .strip_prefix("agg-")
             .and_then(|n| n.parse().ok())
-            .filter(|a| *a < self.last_version.len())
+            .filter(|a| *a < self.aggregates)
             .ok_or("foreign aggregate id")?;
         let v = e.event_version;
         if v < 1 || v as usize > self.versions {
             return Err("version out of range");
         }
-        if self.check_order {
-            let prev = self.last_version[agg].swap(v, Ordering::AcqRel);
+        if let Some(last) = self.last_version.get(agg) {
+            let prev = last.swap(v, Ordering::AcqRel);
             if v != prev + 1 {
                 self.violations.fetch_add(1, Ordering::Relaxed);
             }
@@ -172,10 +216,8 @@ impl Checker {
         let latency = (chrono::Utc::now() - e.timestamp)
             .num_microseconds()
             .unwrap_or(i64::MAX)
-            .clamp(0, u32::MAX as i64) as u32;
-        if let Ok(mut l) = self.latencies_us.lock() {
-            l.push(latency);
-        }
+            .max(0) as u64;
+        self.latencies.record_us(latency);
         Ok(())
     }
 
@@ -201,44 +243,7 @@ impl Checker {
         (lost, dup)
     }
 
-    pub fn latencies(&self) -> Vec<u32> {
-        self.latencies_us
-            .lock()
-            .map(|l| l.clone())
-            .unwrap_or_default()
-    }
-}
-
-/// Latency summary in milliseconds.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
-pub struct Percentiles {
-    pub p50_ms: f64,
-    pub p75_ms: f64,
-    pub p95_ms: f64,
-    pub p99_ms: f64,
-    pub p999_ms: f64,
-    pub p9999_ms: f64,
-    pub max_ms: f64,
-}
-
-impl Percentiles {
-    pub fn of(mut us: Vec<u32>) -> Self {
-        if us.is_empty() {
-            return Self::default();
-        }
-        us.sort_unstable();
-        let at = |p: f64| {
-            let i = ((us.len() as f64 - 1.0) * p).round() as usize;
-            f64::from(us[i.min(us.len() - 1)]) / 1000.0
-        };
-        Self {
-            p50_ms: at(0.5),
-            p75_ms: at(0.75),
-            p95_ms: at(0.95),
-            p99_ms: at(0.99),
-            p999_ms: at(0.999),
-            p9999_ms: at(0.9999),
-            max_ms: at(1.0),
-        }
+    pub fn latencies(&self) -> &Latencies {
+        &self.latencies
     }
 }

@@ -120,3 +120,107 @@ fn sweep_stops_at_the_first_rate_over_the_bound() {
     assert!(points[0]["e2e_p99_ms"].as_f64().is_some_and(|p| p > 0.0));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An OpenMessaging workload file for two seconds on the memory backend: the OMB result JSON
+/// carries OMB's fields, one value per period, and the bus's own accounting beside them.
+#[test]
+fn omb_workload_file_writes_omb_result_json() {
+    let dir = std::env::temp_dir().join(format!("eventbus-bench-omb-{}", std::process::id()));
+    let workload = Path::new(env!("CARGO_MANIFEST_DIR")).join("workloads/seed-low.yaml");
+    let out = Command::new(env!("CARGO_BIN_EXE_eventbus-bench"))
+        .args(["--targets", "memory", "--repeats", "1"])
+        .arg("--workload")
+        .arg(&workload)
+        .args(["--duration-secs", "2", "--period-secs", "0.5"])
+        .arg("--omb-dir")
+        .arg(&dir)
+        .arg("--json")
+        .arg(dir.join("report.json"))
+        .arg("--svg")
+        .arg(dir.join("chart.svg"))
+        .output()
+        .expect("run eventbus-bench");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result = read_json(&dir.join("seed-low-4-topics-16-partitions-256b-keyed-memory-1.json"));
+    assert_eq!(
+        result["workload"],
+        "seed low / 4 topics / 16 partitions / 256b / keyed"
+    );
+    assert_eq!(result["driver"], "eventbus-memory");
+    assert_eq!(result["messageSize"], 256);
+    assert_eq!(result["topics"], 4);
+    assert_eq!(result["partitions"], 16);
+    assert_eq!(result["producersPerTopic"], 2);
+    assert_eq!(result["consumersPerTopic"], 1);
+    // 500 msg/s for 2 s, in periods of 0.5 s: several samples, each list as long as the others.
+    let periods = result["publishRate"].as_array().expect("publishRate").len();
+    assert!(periods >= 3, "{periods} periods");
+    for list in [
+        "publishRate",
+        "publishErrorRate",
+        "consumeRate",
+        "backlog",
+        "publishLatencyAvg",
+        "publishLatency50pct",
+        "publishLatency99pct",
+        "publishLatency9999pct",
+        "publishLatencyMax",
+        "endToEndLatency50pct",
+        "endToEndLatency999pct",
+        "endToEndLatencyMax",
+    ] {
+        assert_eq!(
+            result[list].as_array().map(Vec::len),
+            Some(periods),
+            "{list}: {}",
+            result[list]
+        );
+    }
+    let rate = result["publishRate"][1].as_f64().expect("rate");
+    assert!(rate > 250.0 && rate < 750.0, "paced at 500 msg/s: {rate}");
+    for field in [
+        "aggregatedPublishLatency50pct",
+        "aggregatedPublishLatency99pct",
+        "aggregatedPublishLatencyMax",
+        "aggregatedEndToEndLatencyAvg",
+        "aggregatedEndToEndLatency50pct",
+        "aggregatedEndToEndLatency9999pct",
+        "aggregatedEndToEndLatencyMax",
+    ] {
+        assert!(
+            result[field].as_f64().is_some_and(|v| v > 0.0),
+            "{field}: {}",
+            result[field]
+        );
+    }
+    assert!(result["aggregatedEndToEndLatencyQuantiles"]["99"].is_number());
+    assert_eq!(result["eventbus"]["messages"], 1000);
+    assert_eq!(result["eventbus"]["lost"], 0);
+    assert_eq!(result["eventbus"]["orderingViolations"], 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_bad_workload_file_is_refused_with_the_reason() {
+    let dir = std::env::temp_dir().join(format!("eventbus-bench-badomb-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("bad.yaml");
+    std::fs::write(&path, "name: x\ntopics: 1\nproducerRat: 10\n").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_eventbus-bench"))
+        .args(["--targets", "memory", "--workload"])
+        .arg(&path)
+        .output()
+        .expect("run eventbus-bench");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("line 3") && stderr.contains("producerRat"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
