@@ -40,3 +40,18 @@ pub fn allocations() -> Option<u64> {
         None
     }
 }
+
+/// Bytes allocated and not yet freed by the whole process; `None` unless counting.
+pub fn live_bytes() -> Option<u64> {
+    #[cfg(feature = "alloc-count")]
+    {
+        let s = GLOBAL.stats();
+        let live =
+            s.bytes_allocated as i64 + s.bytes_reallocated as i64 - s.bytes_deallocated as i64;
+        Some(live.max(0) as u64)
+    }
+    #[cfg(not(feature = "alloc-count"))]
+    {
+        None
+    }
+}

@@ -70,6 +70,13 @@ struct Args {
     /// Keyed workers of the bus dispatcher.
     #[arg(long, default_value_t = 32)]
     keyed_workers: usize,
+    /// Deliveries the bus's keyed scheduler buffers (default: the library's, 8,192).
+    #[arg(long)]
+    keyed_buffer: Option<usize>,
+    /// Event ids each bus worker remembers to skip redeliveries (0: off; default: the
+    /// library's, 1,024).
+    #[arg(long)]
+    dedup_window: Option<usize>,
     /// Global workers of the bus dispatcher (default 2 × cores).
     #[arg(long)]
     global_workers: Option<usize>,
@@ -193,6 +200,8 @@ fn main() -> ExitCode {
         kafka_fetch_wait_ms: args
             .kafka_fetch_wait_ms
             .unwrap_or(eventbus::kafka::DEFAULT_FETCH_WAIT.as_millis() as u64),
+        keyed_buffer: args.keyed_buffer,
+        dedup_window: args.dedup_window,
         publishers_per_topic: None,
         period: None,
     };

@@ -94,6 +94,9 @@ pub struct Knobs {
     pub kafka_fetch_wait_ms: u64,
     /// Open loop: total publish rate in msg/s (`None`: as fast as the window allows).
     pub rate: Option<f64>,
+    /// The bus's keyed buffer and dedup window (`None`: the library's defaults).
+    pub keyed_buffer: Option<usize>,
+    pub dedup_window: Option<usize>,
     /// Publisher tasks per topic (`None`: `publishers` in all).
     pub publishers_per_topic: Option<usize>,
     /// Sample rates and latencies per period of this length (workload-file runs).
@@ -184,6 +187,10 @@ pub struct RunResult {
     /// Allocations per message over the whole run, both sides and the workload included
     /// (`None` unless built with the `alloc-count` feature).
     pub allocs_per_message: Option<f64>,
+    /// Highest live heap during the run, in MB, and live heap before it started (`None`
+    /// unless built with `alloc-count`): what the run itself holds, without allocator slack.
+    pub peak_heap_mb: Option<f64>,
+    pub heap_before_mb: Option<f64>,
     /// `None` for raw baselines: they check nothing about order.
     pub ordering_violations: Option<u64>,
     pub lost: u64,
@@ -246,6 +253,8 @@ pub(crate) struct Peaks {
     tasks: usize,
     threads: usize,
     allocations_at_start: Option<u64>,
+    heap_at_start: Option<u64>,
+    peak_heap: Option<u64>,
     timeline: Option<Timeline>,
 }
 
@@ -257,6 +266,8 @@ impl Peaks {
             tasks: 0,
             threads: 0,
             allocations_at_start: crate::alloc::allocations(),
+            heap_at_start: crate::alloc::live_bytes(),
+            peak_heap: None,
             timeline: k.period.map(Timeline::new),
         }
     }
@@ -270,6 +281,9 @@ impl Peaks {
         self.threads = self
             .threads
             .max(proc_status("Threads:").unwrap_or(0.0) as usize);
+        if let Some(live) = crate::alloc::live_bytes() {
+            self.peak_heap = Some(self.peak_heap.unwrap_or(0).max(live));
+        }
     }
 }
 
@@ -404,6 +418,8 @@ pub(crate) fn result(
             .allocations_at_start
             .zip(crate::alloc::allocations())
             .map(|(start, now)| now.saturating_sub(start) as f64 / n.max(1) as f64),
+        peak_heap_mb: peaks.peak_heap.map(|b| b as f64 / 1e6),
+        heap_before_mb: peaks.heap_at_start.map(|b| b as f64 / 1e6),
         ordering_violations: checker.violations(),
         lost,
         duplicates,
@@ -489,6 +505,12 @@ async fn run_bus(
             }
         });
     config.publish.results_capacity = k.window;
+    if let Some(n) = k.keyed_buffer {
+        config.dispatch.keyed_buffer = n.max(1);
+    }
+    if let Some(n) = k.dedup_window {
+        config.dispatch.dedup_window = n;
+    }
     let mut peaks = Peaks::reset(k);
     let bus: EventBus = eventbus::connect(backend(target, &plan, k)?, config)
         .await

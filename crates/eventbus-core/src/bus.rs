@@ -59,7 +59,11 @@ impl Publication {
     /// An envelope for `topic`: JSON body, routing headers, key = aggregate id.
     pub fn envelope(topic: impl Into<String>, envelope: &Envelope) -> Result<Self, EnvelopeError> {
         envelope.validate()?;
-        let payload = envelope.to_json()?;
+        let mut payload = envelope.to_json()?;
+        // The bytes live until the broker's ACK (a lost ACK republishes them), so a window of
+        // pending publishes holds thousands: keep what they need, not the serialiser's
+        // doubled capacity (shrinking in place, no copy with the common allocators).
+        payload.shrink_to_fit();
         Ok(Self {
             topic: topic.into(),
             payload: Bytes::from(payload),

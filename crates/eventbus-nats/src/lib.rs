@@ -24,11 +24,13 @@
 //! # }
 //! ```
 
+mod ack;
 mod config;
 mod naming;
 mod subscription;
 mod transport;
 
+pub use ack::NatsAck;
 pub use config::{Auth, ConsumerSettings, NatsConfig, Secret, Storage, StreamSettings, Tls};
 pub use subscription::{NatsDelivery, NatsSubscription};
-pub use transport::{NatsAck, NatsTransport};
+pub use transport::NatsTransport;

@@ -1,29 +1,24 @@
 //! The NATS transport: connection, stream provisioning, publishing with ACK futures.
 
 use std::collections::HashSet;
-use std::future::{Future, IntoFuture};
-use std::pin::Pin;
+use std::future::IntoFuture;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use async_nats::connection::State;
-use async_nats::jetstream::{self, context::PublishErrorKind, stream};
+use async_nats::jetstream::{self, stream};
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use eventbus_core::{
-    BrokerPosition, Capabilities, ConnectionState, ErrorDetail, Headers, Health, OutgoingMessage,
-    Receipt, SubscriptionSpec, Transport, TransportError,
+    Capabilities, ConnectionState, ErrorDetail, Headers, Health, OutgoingMessage, SubscriptionSpec,
+    Transport, TransportError,
 };
 
+use crate::ack::{publish_error, NatsAck, Republish};
 use crate::config::{Auth, NatsConfig, Storage};
 use crate::naming::{stream_name, subject};
 use crate::subscription::NatsSubscription;
-
-/// Wait before republishing after a lost ACK; doubles up to `MAX_REPUBLISH_BACKOFF`.
-const FIRST_REPUBLISH_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_REPUBLISH_BACKOFF: Duration = Duration::from_secs(2);
 
 /// How long `close` waits for the client to report its connection ended.
 const DISCONNECT_WAIT: Duration = Duration::from_secs(10);
@@ -231,7 +226,7 @@ pub(crate) fn header_map(headers: &Headers) -> Result<HeaderMap, TransportError>
     Ok(map)
 }
 
-fn nats_message(
+pub(crate) fn nats_message(
     headers: &Headers,
     payload: &bytes::Bytes,
     event_id: &str,
@@ -253,55 +248,6 @@ pub(crate) fn headers_from(map: Option<&HeaderMap>) -> Headers {
         }
     }
     h
-}
-
-fn publish_error(e: jetstream::context::PublishError) -> TransportError {
-    let kind = e.kind();
-    let text = match kind {
-        PublishErrorKind::TimedOut => format!("no JetStream ACK: {e}"),
-        PublishErrorKind::StreamNotFound => {
-            format!("no stream captures the subject (deleted?): {e}")
-        }
-        _ => e.to_string(),
-    };
-    // The client's error stays reachable as the source.
-    let detail = ErrorDetail::with_source(text, e);
-    match kind {
-        PublishErrorKind::TimedOut => TransportError::Timeout(detail),
-        PublishErrorKind::BrokenPipe => TransportError::Unavailable(detail),
-        _ => TransportError::Rejected(detail),
-    }
-}
-
-fn retryable(kind: PublishErrorKind) -> bool {
-    matches!(
-        kind,
-        PublishErrorKind::TimedOut
-            | PublishErrorKind::BrokenPipe
-            | PublishErrorKind::StreamNotFound
-    )
-}
-
-/// Resolves with the JetStream ACK of one message. An ACK lost to a disconnect or timeout is
-/// retried by republishing with the same `Nats-Msg-Id` (the stream drops the copy if the first
-/// one was stored), up to `publish_retries` times; then it resolves with the error.
-pub struct NatsAck(Pin<Box<dyn Future<Output = Result<Receipt, TransportError>> + Send>>);
-
-impl Future for NatsAck {
-    type Output = Result<Receipt, TransportError>;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
-        self.0.as_mut().poll(cx)
-    }
-}
-
-fn receipt(ack: &jetstream::publish::PublishAck) -> Receipt {
-    Receipt {
-        position: Some(BrokerPosition {
-            partition: None,
-            offset: ack.sequence,
-        }),
-        duplicate: ack.duplicate,
-    }
 }
 
 impl Transport for NatsTransport {
@@ -342,41 +288,17 @@ impl Transport for NatsTransport {
             )
             .await
             .map_err(publish_error)?;
-        let retries = self.config.publish_retries;
-        // The message's own parts move into the future; the NATS message is rebuilt only on
-        // the rare republish, so the common path clones nothing.
-        Ok(NatsAck(Box::pin(async move {
-            let mut pending = first.into_future();
-            let mut attempt = 0;
-            let mut backoff = FIRST_REPUBLISH_BACKOFF;
-            loop {
-                let err = match pending.await {
-                    Ok(ack) => return Ok(receipt(&ack)),
-                    Err(e) => e,
-                };
-                if !retryable(err.kind()) || attempt >= retries {
-                    return Err(publish_error(err));
-                }
-                attempt += 1;
-                tracing::debug!(subject = %topic, attempt, error = %err, "publish ACK lost; republishing with the same Nats-Msg-Id");
-                loop {
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_REPUBLISH_BACKOFF);
-                    let again = nats_message(&headers, &payload, &event_id)?;
-                    match context
-                        .send_publish(subject(&topic).to_string(), again)
-                        .await
-                    {
-                        Ok(f) => {
-                            pending = f.into_future();
-                            break;
-                        }
-                        Err(e) if retryable(e.kind()) && attempt < retries => attempt += 1,
-                        Err(e) => return Err(publish_error(e)),
-                    }
-                }
-            }
-        })))
+        Ok(NatsAck::new(
+            first.into_future(),
+            Republish {
+                context,
+                topic,
+                event_id,
+                headers,
+                payload,
+                retries: self.config.publish_retries,
+            },
+        ))
     }
 
     async fn subscribe(&self, spec: SubscriptionSpec) -> Result<NatsSubscription, TransportError> {
