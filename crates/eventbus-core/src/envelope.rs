@@ -141,7 +141,9 @@ impl Envelope {
 
     /// The routing headers of this envelope (`X-Event-ID`, `X-Aggregate-ID`, ...).
     pub fn headers(&self) -> Headers {
-        let mut h = Headers::with_capacity(8);
+        let optional = [&self.trace_id, &self.correlation_id, &self.tenant_id];
+        // Exactly as many entries as there are headers: the map lives until the broker's ACK.
+        let mut h = Headers::with_capacity(5 + optional.iter().filter(|v| v.is_some()).count());
         h.push_known(headers::EVENT_ID, self.event_id.clone());
         h.push_known(headers::AGGREGATE_ID, self.aggregate_id.clone());
         h.push_known(headers::EVENT_TYPE, self.event_type.clone());
