@@ -19,6 +19,7 @@ mod latency;
 mod omb;
 mod raw;
 mod report;
+mod sweep;
 mod targets;
 mod timeline;
 mod workload;
@@ -272,14 +273,14 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     if let Some(bound) = args.sweep_p99_ms {
-        return sweep(
+        return sweep::run(
             &runtime,
             &targets,
             &levels,
             &knobs,
             args.repeats.max(1),
             bound,
-            &args.json,
+            (&args.json, &args.svg),
         );
     }
     let total = scenarios.len() * args.repeats.max(1) * targets.len();
@@ -404,115 +405,4 @@ fn write_omb(
         .map_err(|e| format!("cannot encode the OMB result: {e}"))?;
     std::fs::write(&path, body).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     Ok(path)
-}
-
-/// One rate tried by the sweep.
-#[derive(serde::Serialize)]
-struct SweepPoint {
-    target: &'static str,
-    level: &'static str,
-    rate: f64,
-    e2e_per_sec: f64,
-    e2e_p99_ms: f64,
-    passed: bool,
-}
-
-/// `--sweep-p99-ms`: the highest rate each target sustains with e2e p99 under `bound`.
-fn sweep(
-    runtime: &tokio::runtime::Runtime,
-    targets: &[Target],
-    levels: &[Level],
-    knobs: &Knobs,
-    repeats: usize,
-    bound: f64,
-    json: &std::path::Path,
-) -> ExitCode {
-    const MAX_STEPS: usize = 12;
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(0.0)
-    };
-    let mut points = Vec::new();
-    let mut failed = false;
-    for level in levels {
-        for target in targets {
-            let mut rate = knobs.rate.unwrap_or(1_000.0);
-            let mut best = None;
-            for _ in 0..MAX_STEPS {
-                let k = Knobs {
-                    rate: Some(rate),
-                    ..knobs.clone()
-                };
-                let runs: Vec<RunResult> = (1..=repeats)
-                    .filter_map(|r| {
-                        match runtime.block_on(targets::run(*target, &Shape::level(*level), r, &k))
-                        {
-                            Ok(r) => Some(r),
-                            Err(e) => {
-                                eprintln!("{} at {rate} msg/s failed: {e}", target.name());
-                                None
-                            }
-                        }
-                    })
-                    .collect();
-                if runs.len() < repeats {
-                    failed = true;
-                    break;
-                }
-                let p99 = median(runs.iter().map(|r| r.e2e_latency.p99_ms).collect());
-                let e2e = median(runs.iter().map(|r| r.e2e_per_sec).collect());
-                let passed = p99 <= bound && e2e >= 0.95 * rate;
-                eprintln!(
-                    "sweep {:<10} {:<12} {rate:>9.0} msg/s: e2e {e2e:>9.0} msg/s, p99 {p99:>8.2} ms {}",
-                    level.name(),
-                    target.name(),
-                    if passed { "ok" } else { "over" }
-                );
-                points.push(SweepPoint {
-                    target: target.name(),
-                    level: level.name(),
-                    rate,
-                    e2e_per_sec: e2e,
-                    e2e_p99_ms: p99,
-                    passed,
-                });
-                if !passed {
-                    break;
-                }
-                best = Some(rate);
-                rate *= 2.0;
-            }
-            println!(
-                "{:<10} {:<12} highest rate with e2e p99 <= {bound} ms: {}",
-                level.name(),
-                target.name(),
-                best.map_or("none".into(), |r| format!("{r:.0} msg/s"))
-            );
-        }
-    }
-    let report = serde_json::json!({
-        "tool": "eventbus-bench",
-        "command": std::env::args().collect::<Vec<_>>().join(" "),
-        "knobs": knobs,
-        "sweep_p99_bound_ms": bound,
-        "repeats": repeats,
-        "sweep": points,
-    });
-    if let Some(dir) = json.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
-    if let Err(e) = std::fs::write(
-        json,
-        serde_json::to_string_pretty(&report).unwrap_or_default(),
-    ) {
-        eprintln!("error: cannot write {}: {e}", json.display());
-        failed = true;
-    } else {
-        println!("wrote {}", json.display());
-    }
-    if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    }
 }

@@ -118,6 +118,12 @@ fn sweep_stops_at_the_first_rate_over_the_bound() {
     assert_eq!(points[0]["rate"], 5000.0);
     assert_eq!(points[0]["passed"], false);
     assert!(points[0]["e2e_p99_ms"].as_f64().is_some_and(|p| p > 0.0));
+    assert!(points[0]["e2e_p50_ms"].as_f64().is_some_and(|p| p > 0.0));
+    let chart = std::fs::read_to_string(dir.join("chart.svg")).expect("latency chart written");
+    assert!(
+        chart.starts_with("<svg") && chart.contains("polyline") && chart.contains("memory (low)"),
+        "{chart}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
