@@ -6,6 +6,7 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::message::AckKind;
 use async_nats::jetstream::{self};
+use async_nats::Subject;
 use eventbus_core::{
     BrokerPosition, Delivery, ErrorDetail, Message, Subscription, SubscriptionSpec, TransportError,
 };
@@ -23,7 +24,8 @@ const CLOSE_HAND_BACK_MAX: usize = 10_000;
 
 /// One member of a consumer group: a durable pull consumer named after the group.
 pub struct NatsSubscription {
-    client: async_nats::Client,
+    /// Shared with every delivery, which acks through it.
+    client: Arc<async_nats::Client>,
     consumer: PullConsumer,
     messages: Option<pull::Stream>,
     topic: Arc<str>,
@@ -86,7 +88,7 @@ impl NatsSubscription {
                 "existing consumer settings differ from the configuration; keeping the server's");
         }
         Ok(Self {
-            client: transport.client.clone(),
+            client: Arc::new(transport.client.clone()),
             consumer,
             messages: None,
             topic: Arc::from(spec.topic.as_str()),
@@ -115,7 +117,13 @@ impl NatsSubscription {
             position,
             delivered,
         );
-        NatsDelivery { inner: m, message }
+        // The rest of the client's message (its context, subject and bookkeeping) is dropped
+        // here: a queued delivery keeps the reply subject it acks to, and the message.
+        NatsDelivery {
+            reply: m.message.reply.take(),
+            client: self.client.clone(),
+            message,
+        }
     }
 }
 
@@ -223,12 +231,29 @@ impl Subscription for NatsSubscription {
 
 /// One JetStream message. Unsettled, it is redelivered after the consumer's ack wait.
 pub struct NatsDelivery {
-    inner: jetstream::Message,
+    /// Where acks go (`$JS.ACK.…`); `None` for a message that did not come from JetStream.
+    reply: Option<Subject>,
+    client: Arc<async_nats::Client>,
     message: Message,
 }
 
 fn ack_error(e: async_nats::Error) -> TransportError {
     TransportError::Unavailable(ErrorDetail::with_boxed_source(format!("ack: {e}"), e))
+}
+
+impl NatsDelivery {
+    /// Sends `kind` to the message's reply subject, as the client's own `ack_with` does.
+    async fn send(&self, kind: AckKind) -> Result<(), TransportError> {
+        let Some(reply) = &self.reply else {
+            return Err(TransportError::Unavailable(
+                "ack: no reply subject, not a JetStream message".into(),
+            ));
+        };
+        self.client
+            .publish(reply.clone(), kind.into())
+            .await
+            .map_err(|e| ack_error(Box::new(e)))
+    }
 }
 
 impl Delivery for NatsDelivery {
@@ -237,25 +262,19 @@ impl Delivery for NatsDelivery {
     }
 
     async fn ack(self) -> Result<(), TransportError> {
-        self.inner.ack().await.map_err(ack_error)
+        self.send(AckKind::Ack).await
     }
 
     async fn nak(self, delay: Duration) -> Result<(), TransportError> {
         let delay = (!delay.is_zero()).then_some(delay);
-        self.inner
-            .ack_with(AckKind::Nak(delay))
-            .await
-            .map_err(ack_error)
+        self.send(AckKind::Nak(delay)).await
     }
 
     async fn term(self) -> Result<(), TransportError> {
-        self.inner.ack_with(AckKind::Term).await.map_err(ack_error)
+        self.send(AckKind::Term).await
     }
 
     async fn in_progress(&self) -> Result<(), TransportError> {
-        self.inner
-            .ack_with(AckKind::Progress)
-            .await
-            .map_err(ack_error)
+        self.send(AckKind::Progress).await
     }
 }
