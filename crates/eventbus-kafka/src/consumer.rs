@@ -203,6 +203,10 @@ impl KafkaSubscription {
             .set(
                 "fetch.wait.max.ms",
                 c.fetch_wait.as_millis().max(1).to_string(),
+            )
+            .set(
+                "queued.max.messages.kbytes",
+                c.prefetch_kbytes.max(1).to_string(),
             );
         for (k, v) in &c.extra {
             cc.set(k, v);

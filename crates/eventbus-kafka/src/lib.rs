@@ -28,6 +28,7 @@ mod transport;
 
 pub use config::{
     ConsumerSettings, KafkaConfig, ProducerSettings, Security, TopicSettings, DEFAULT_FETCH_WAIT,
+    DEFAULT_PREFETCH_KBYTES,
 };
 pub use consumer::{GroupContext, KafkaDelivery, KafkaSubscription};
 pub use offsets::OffsetTracker;
