@@ -3,12 +3,10 @@
 //! - default: the system allocator (glibc malloc here), as most users run;
 //! - `mimalloc`: mimalloc for the whole binary, bus and raw clients alike;
 //! - `alloc-count`: the system allocator, counted, so every run reports allocations per
-//!   message (where the bus allocates more than the raw client shows up here).
+//!   message (where the bus allocates more than the raw client shows up here). It wins over
+//!   `mimalloc` when both are on (as with `--all-features`).
 
-#[cfg(all(feature = "mimalloc", feature = "alloc-count"))]
-compile_error!("the features `mimalloc` and `alloc-count` each set the global allocator: pick one");
-
-#[cfg(feature = "mimalloc")]
+#[cfg(all(feature = "mimalloc", not(feature = "alloc-count")))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -18,10 +16,10 @@ static GLOBAL: &stats_alloc::StatsAlloc<std::alloc::System> = &stats_alloc::INST
 
 /// The allocator this binary was built with, for the report.
 pub fn name() -> &'static str {
-    if cfg!(feature = "mimalloc") {
-        "mimalloc"
-    } else if cfg!(feature = "alloc-count") {
+    if cfg!(feature = "alloc-count") {
         "system (counted)"
+    } else if cfg!(feature = "mimalloc") {
+        "mimalloc"
     } else {
         "system"
     }

@@ -63,7 +63,9 @@ impl Timeline {
         }
     }
 
-    /// Closes the last, possibly shorter, period at the end of the run.
+    /// Closes the last, shorter period at the end of the run if it lasted at least half a
+    /// period (a shorter tail would report the rate of a few stragglers); the whole-run
+    /// figures include it either way.
     pub(crate) fn finish(
         &mut self,
         start: Instant,
@@ -72,7 +74,7 @@ impl Timeline {
         clock: &SendClock,
     ) {
         let now = start.elapsed();
-        if now > self.last_at
+        if now >= self.last_at + self.period / 2
             && (acked > self.last_acked || checker.delivered() > self.last_delivered)
         {
             self.close_period(now, acked, checker, clock);
