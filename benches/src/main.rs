@@ -357,23 +357,9 @@ fn main() -> ExitCode {
         "summaries": summaries,
         "runs": results,
     });
-    for (path, body) in [
-        (
-            &args.json,
-            serde_json::to_string_pretty(&report).unwrap_or_default(),
-        ),
-        (&args.svg, report::svg(&summaries)),
-    ] {
-        if let Some(dir) = path.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
-        match std::fs::write(path, body) {
-            Ok(()) => println!("wrote {}", path.display()),
-            Err(e) => {
-                eprintln!("error: cannot write {}: {e}", path.display());
-                failed = true;
-            }
-        }
+    let report = serde_json::to_string_pretty(&report).unwrap_or_default();
+    if !report::write_files(&[(&args.json, report), (&args.svg, report::svg(&summaries))]) {
+        failed = true;
     }
     if failed {
         eprintln!("error: a run failed, lost messages or broke per-aggregate order (see above)");

@@ -114,6 +114,52 @@ pub fn summarize(results: &[RunResult]) -> Vec<Summary> {
     out
 }
 
+/// Writes each `(path, body)`, creating directories; says what it wrote. False if any failed.
+pub fn write_files(files: &[(&std::path::Path, String)]) -> bool {
+    let mut ok = true;
+    for (path, body) in files {
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        match std::fs::write(path, body) {
+            Ok(()) => println!("wrote {}", path.display()),
+            Err(e) => {
+                eprintln!("error: cannot write {}: {e}", path.display());
+                ok = false;
+            }
+        }
+    }
+    ok
+}
+
+/// The opening of a chart: the SVG element, a white background and the title.
+pub fn svg_open(w: f64, h: f64, left: f64, title: &str) -> String {
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{left}\" y=\"22\" font-size=\"15\">{title}</text>\n"
+    )
+}
+
+/// Horizontal grid lines at each power of ten from `10^lo` to `10^hi`, from `x0` to `x1`,
+/// labelled on the left by `label(exponent)`.
+pub fn log_gridlines(
+    (lo, hi): (i32, i32),
+    (x0, x1): (f64, f64),
+    y: impl Fn(f64) -> f64,
+    label: impl Fn(i32) -> String,
+) -> String {
+    (lo..=hi)
+        .map(|e| {
+            let yy = y(10f64.powi(e));
+            format!(
+                "<line x1=\"{x0}\" x2=\"{x1:.1}\" y1=\"{yy:.1}\" y2=\"{yy:.1}\" stroke=\"#ddd\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>\n",
+                x0 - 6.0,
+                yy + 4.0,
+                label(e)
+            )
+        })
+        .collect()
+}
+
 /// Width of the first column: the longest scenario name.
 pub fn name_width(summaries: &[Summary]) -> usize {
     summaries
@@ -187,16 +233,15 @@ pub fn svg(summaries: &[Summary]) -> String {
     let y = |v: f64| top + plot_h * (1.0 - ((v.max(1.0).log10() - lo).max(0.0) / (hi - lo)));
     let group_w = (w - left - 20.0) / levels.len().max(1) as f64;
     let bar_w = (group_w - 20.0) / targets.len().max(1) as f64;
-    let mut out = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{left}\" y=\"22\" font-size=\"15\">eventbus: median end-to-end throughput (msg/s, log scale) per level and target</text>\n"
+    let mut out = svg_open(
+        w,
+        h,
+        left,
+        "eventbus: median end-to-end throughput (msg/s, log scale) per level and target",
     );
-    let mut e = lo as i32;
-    while f64::from(e) <= hi {
-        let v = 10f64.powi(e);
-        let yy = y(v);
-        out += &format!("<line x1=\"{left}\" x2=\"{}\" y1=\"{yy:.1}\" y2=\"{yy:.1}\" stroke=\"#ddd\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">1e{e}</text>\n", w - 20.0, left - 6.0, yy + 4.0);
-        e += 1;
-    }
+    out += &log_gridlines((lo as i32, hi as i32), (left, w - 20.0), y, |e| {
+        format!("1e{e}")
+    });
     for (li, level) in levels.iter().enumerate() {
         let gx = left + li as f64 * group_w + 10.0;
         for (ti, target) in targets.iter().enumerate() {

@@ -105,23 +105,9 @@ pub fn run(
         "repeats": repeats,
         "sweep": points,
     });
-    for (path, body) in [
-        (
-            json,
-            serde_json::to_string_pretty(&report).unwrap_or_default(),
-        ),
-        (svg, latency_svg(&points, bound)),
-    ] {
-        if let Some(dir) = path.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
-        match std::fs::write(path, body) {
-            Ok(()) => println!("wrote {}", path.display()),
-            Err(e) => {
-                eprintln!("error: cannot write {}: {e}", path.display());
-                failed = true;
-            }
-        }
+    let report = serde_json::to_string_pretty(&report).unwrap_or_default();
+    if !crate::report::write_files(&[(json, report), (svg, latency_svg(&points, bound))]) {
+        failed = true;
     }
     if failed {
         ExitCode::FAILURE
@@ -163,16 +149,15 @@ pub fn latency_svg(points: &[SweepPoint], bound: f64) -> String {
     let l_lo = -1.0;
     let x = |rate: f64| left + plot_w * (log(rate) - r_lo) / (r_hi - r_lo);
     let y = |ms: f64| top + plot_h * (1.0 - (log(ms).clamp(l_lo, l_hi) - l_lo) / (l_hi - l_lo));
-    let mut out = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{left}\" y=\"22\" font-size=\"15\">end-to-end latency (ms, log) vs offered rate (msg/s, log): p99 solid, p50 dashed</text>\n"
+    let mut out = crate::report::svg_open(
+        w,
+        h,
+        left,
+        "end-to-end latency (ms, log) vs offered rate (msg/s, log): p99 solid, p50 dashed",
     );
-    let mut e = l_lo as i32;
-    while f64::from(e) <= l_hi {
-        let v = 10f64.powi(e);
-        let yy = y(v);
-        out += &format!("<line x1=\"{left}\" x2=\"{:.1}\" y1=\"{yy:.1}\" y2=\"{yy:.1}\" stroke=\"#ddd\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{v}</text>\n", w - right, left - 6.0, yy + 4.0);
-        e += 1;
-    }
+    out += &crate::report::log_gridlines((l_lo as i32, l_hi as i32), (left, w - right), y, |e| {
+        format!("{}", 10f64.powi(e))
+    });
     let mut e = r_lo as i32;
     while f64::from(e) <= r_hi {
         let v = 10f64.powi(e);

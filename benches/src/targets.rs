@@ -369,7 +369,7 @@ pub(crate) async fn watch(
         peaks.sample();
         let done = acked.load(Ordering::Relaxed);
         if let Some(t) = peaks.timeline.as_mut() {
-            t.sample(start, done as u64, checker, clock);
+            t.observe(start, done as u64, (checker, clock), false);
         }
         if acked_at.is_none() && done >= messages {
             acked_at = Some(start.elapsed());
@@ -378,7 +378,7 @@ pub(crate) async fn watch(
         if (delivered && acked_at.is_some()) || start.elapsed() > RUN_DEADLINE {
             let e2e = start.elapsed();
             if let Some(t) = peaks.timeline.as_mut() {
-                t.finish(start, done as u64, checker, clock);
+                t.observe(start, done as u64, (checker, clock), true);
             }
             return (acked_at.unwrap_or(e2e), e2e);
         }

@@ -49,38 +49,31 @@ impl Timeline {
         }
     }
 
-    /// Closes the current period if it is over.
-    pub(crate) fn sample(
+    /// Closes the current period if it is over. At the end of the run (`last`), closes the
+    /// last, shorter period if it lasted at least half a period (a shorter tail would report
+    /// the rate of a few stragglers; the whole-run figures include it either way) and takes
+    /// the whole-run quantiles.
+    pub(crate) fn observe(
         &mut self,
         start: Instant,
         acked: u64,
-        checker: &Checker,
-        clock: &SendClock,
+        (checker, clock): (&Checker, &SendClock),
+        last: bool,
     ) {
         let now = start.elapsed();
-        if now >= self.last_at + self.period {
+        let due = if last {
+            now >= self.last_at + self.period / 2
+                && (acked > self.last_acked || checker.delivered() > self.last_delivered)
+        } else {
+            now >= self.last_at + self.period
+        };
+        if due {
             self.close_period(now, acked, checker, clock);
         }
-    }
-
-    /// Closes the last, shorter period at the end of the run if it lasted at least half a
-    /// period (a shorter tail would report the rate of a few stragglers); the whole-run
-    /// figures include it either way.
-    pub(crate) fn finish(
-        &mut self,
-        start: Instant,
-        acked: u64,
-        checker: &Checker,
-        clock: &SendClock,
-    ) {
-        let now = start.elapsed();
-        if now >= self.last_at + self.period / 2
-            && (acked > self.last_acked || checker.delivered() > self.last_delivered)
-        {
-            self.close_period(now, acked, checker, clock);
+        if last {
+            self.publish_quantiles = clock.acked.quantiles();
+            self.e2e_quantiles = checker.latencies().quantiles();
         }
-        self.publish_quantiles = clock.acked.quantiles();
-        self.e2e_quantiles = checker.latencies().quantiles();
     }
 
     fn close_period(&mut self, now: Duration, acked: u64, checker: &Checker, clock: &SendClock) {

@@ -187,8 +187,12 @@ fn omb_workload_file_writes_omb_result_json() {
             result[list]
         );
     }
-    let rate = result["publishRate"][1].as_f64().expect("rate");
-    assert!(rate > 250.0 && rate < 750.0, "paced at 500 msg/s: {rate}");
+    // Paced: no period publishes faster than the schedule allows (slower is the machine's
+    // business, not something this test judges).
+    for rate in result["publishRate"].as_array().expect("rates") {
+        let rate = rate.as_f64().expect("rate");
+        assert!(rate > 0.0 && rate < 750.0, "paced at 500 msg/s: {rate}");
+    }
     for field in [
         "aggregatedPublishLatency50pct",
         "aggregatedPublishLatency99pct",
