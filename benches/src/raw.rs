@@ -230,6 +230,7 @@ pub async fn kafka(shape: &Shape, repeat: usize, k: &Knobs) -> Result<RunResult,
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("compression.type", "lz4")
+        .set("partitioner", "murmur2_random")
         .set("linger.ms", "5")
         .set("batch.num.messages", "10000")
         .create()

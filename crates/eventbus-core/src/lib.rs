@@ -31,6 +31,7 @@ pub mod headers;
 pub mod memory;
 mod message;
 mod metrics;
+pub mod partitioner;
 mod publish;
 mod secret;
 #[cfg(feature = "testkit")]

@@ -137,6 +137,10 @@ impl KafkaTransport {
         let p = &config.producer;
         pc.set("enable.idempotence", "true")
             .set("acks", "all")
+            // The Java client's partitioner (murmur2 of the key), not librdkafka's CRC32
+            // default: an aggregate gets the same partition number from Java producers, the
+            // memory backend and NATS partitions (eventbus_core::partitioner).
+            .set("partitioner", "murmur2_random")
             .set("compression.type", &p.compression)
             .set("linger.ms", p.linger_ms.to_string())
             .set("batch.num.messages", p.batch_num_messages.to_string())

@@ -431,3 +431,38 @@ async fn first_publishes_to_new_topics_provision_each_topic_once() {
         .await
         .expect("close");
 }
+
+/// An aggregate lands on the partition Kafka's Java client would pick (murmur2 of the key,
+/// made positive, modulo the partition count), not on librdkafka's default CRC32 choice: Java
+/// producers, the memory backend and the NATS partitions agree with the bus on Kafka.
+#[tokio::test(flavor = "multi_thread")]
+async fn aggregates_land_on_the_java_clients_partition() {
+    let config = test_config(&brokers());
+    let partitions = u32::try_from(config.topic.partitions).expect("positive");
+    let bus = bus_with(config, kit_config()).await;
+    let topic = unique("kafka-partitioner");
+    let mut mismatches = Vec::new();
+    for a in 0..40 {
+        let aggregate = format!("order-{a}");
+        let e = Envelope::new(aggregate.as_str(), "t", 1, json!({}));
+        let r = bus
+            .publish_envelope_and_wait(&topic, &e)
+            .await
+            .expect("publish");
+        let stored = r
+            .outcome
+            .expect("acked")
+            .position
+            .and_then(|p| p.partition)
+            .expect("a partition in the receipt");
+        let java = eventbus_core::partitioner::partition_for(aggregate.as_bytes(), partitions);
+        if stored != java {
+            mismatches.push((aggregate, stored, java));
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "(aggregate, stored, Java client's) differ: {mismatches:?}"
+    );
+    bus.close().await.expect("close");
+}

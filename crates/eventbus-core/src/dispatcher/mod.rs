@@ -161,17 +161,6 @@ pub(crate) fn routing_key(msg: &Message, envelopes: bool) -> Option<Cow<'_, [u8]
     msg.key().filter(|k| !k.is_empty()).map(Cow::Borrowed)
 }
 
-/// FNV-1a: stable across processes and releases, so a given aggregate maps to the same worker
-/// index everywhere (std's hasher is randomly seeded).
-pub(crate) fn stable_hash(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
-
 /// The keyed and global worker pools of one bus.
 pub(crate) struct Dispatcher<T: Transport> {
     keyed: Arc<KeyedScheduler<Job<DeliveryOf<T>>>>,

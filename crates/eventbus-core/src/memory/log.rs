@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use crate::dispatcher::stable_hash;
 use crate::headers::Headers;
 use crate::message::{BrokerPosition, OutgoingMessage};
+use crate::partitioner::partition_for;
 use crate::transport::Receipt;
 
 use super::group::Group;
@@ -78,12 +78,15 @@ impl TopicState {
                 duplicate: true,
             };
         }
-        let parts = self.partitions.len() as u64;
+        let parts = u32::try_from(self.partitions.len())
+            .unwrap_or(u32::MAX)
+            .max(1);
         let p = match &msg.key {
-            Some(k) => (stable_hash(k.as_bytes()) % parts) as usize,
+            // As Kafka places keys: the same partition number on every backend.
+            Some(k) => partition_for(k.as_bytes(), parts) as usize,
             None => {
                 self.round_robin = self.round_robin.wrapping_add(1);
-                (u64::from(self.round_robin) % parts) as usize
+                (self.round_robin % parts) as usize
             }
         };
         let size = msg.payload.len() + msg.headers.wire_len();
