@@ -128,7 +128,8 @@ pub struct NatsConfig {
     /// Publishes awaiting a JetStream ACK at most, in the client (default 10,000; keep it at
     /// least the bus's `in_flight_window`).
     pub max_ack_inflight: usize,
-    /// How long to wait for one publish ACK before retrying it (default 5 s).
+    /// How long to wait for one publish ACK before republishing it (default 5 s). Also bounds
+    /// each JetStream API request the transport makes (stream and consumer provisioning).
     pub publish_ack_timeout: Duration,
     /// Republishes (same `Nats-Msg-Id`, so never stored twice) after a lost ACK, before the
     /// publish is reported failed (default 5).

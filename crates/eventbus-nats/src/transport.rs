@@ -101,6 +101,9 @@ impl NatsTransport {
         let context = jetstream::ContextBuilder::new()
             .max_ack_inflight(config.max_ack_inflight.max(1))
             .backpressure_on_inflight(true)
+            // `timeout` bounds awaited ACKs (and the JetStream API requests of provisioning);
+            // `ack_timeout` only the ACKs of dropped publish futures.
+            .timeout(config.publish_ack_timeout)
             .ack_timeout(config.publish_ack_timeout)
             .build(client.clone());
         Ok(Self {

@@ -117,7 +117,9 @@ pub fn kit_config() -> BusConfig {
         .with_global_workers(4)
 }
 
-fn kit_timeout() -> Duration {
+/// The longest a kit step waits for something that must happen (a hang guard, not a timing
+/// assertion): 60 s, or `EVENTBUS_KIT_TIMEOUT_SECS`.
+pub fn kit_timeout() -> Duration {
     let secs = std::env::var("EVENTBUS_KIT_TIMEOUT_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
