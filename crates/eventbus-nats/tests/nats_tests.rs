@@ -519,7 +519,11 @@ async fn publish_ack_timeout_bounds_a_missing_ack() {
         .await
         .expect("accepted");
     let waited = started.elapsed();
-    assert!(sniffer.next().await.is_some(), "the publish went out");
+    let went_out = tokio::time::timeout(kit_timeout(), sniffer.next()).await;
+    assert!(
+        matches!(went_out, Ok(Some(_))),
+        "the publish never went out"
+    );
     assert!(
         matches!(r.outcome, Err(TransportError::Timeout(_))),
         "{r:?}"
