@@ -415,63 +415,96 @@ async fn connection_lost_and_back_loses_nothing() {
     let _ = std::fs::remove_dir_all(&store);
 }
 
+/// A topic whose next publish nobody answers: a bus with `cfg`, the topic provisioned by a
+/// first publish, then its stream deleted and a plain subscriber (which never replies) on its
+/// subject instead.
+struct Unanswered {
+    bus: Bus<NatsTransport>,
+    topic: String,
+    raw: async_nats::Client,
+    js: async_nats::jetstream::Context,
+    /// The deleted stream's configuration, to bring it back.
+    stream: async_nats::jetstream::stream::Config,
+    sniffer: async_nats::Subscriber,
+}
+
+impl Unanswered {
+    async fn new(cfg: NatsConfig, prefix: &str) -> Self {
+        let bus = Bus::new(
+            NatsTransport::connect(cfg).await.expect("connect"),
+            kit_config(),
+        )
+        .expect("bus");
+        let topic = unique(prefix);
+        bus.publish_envelope_and_wait(&topic, &Envelope::new("a", "t", 1, json!({})))
+            .await
+            .expect("publish")
+            .outcome
+            .expect("acked");
+        let raw = async_nats::connect(nats_url()).await.expect("raw client");
+        let js = async_nats::jetstream::new(raw.clone());
+        let name = bus.transport().stream_name(&topic);
+        let stream = js
+            .get_stream(&name)
+            .await
+            .expect("stream")
+            .info()
+            .await
+            .expect("info")
+            .config
+            .clone();
+        js.delete_stream(&name).await.expect("delete stream");
+        let sniffer = raw.subscribe(topic.clone()).await.expect("subscribe");
+        raw.flush().await.expect("flush");
+        Self {
+            bus,
+            topic,
+            raw,
+            js,
+            stream,
+            sniffer,
+        }
+    }
+
+    /// The next message the plain subscriber takes, under the kit's hang guard.
+    async fn next_attempt(&mut self) -> Option<async_nats::Message> {
+        use futures_util::StreamExt;
+        tokio::time::timeout(kit_timeout(), self.sniffer.next())
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
 /// A JetStream ACK that never comes is recovered by republishing with the same `Nats-Msg-Id`:
 /// the publish reports success and the stream holds the event once. The first attempt is made
-/// to go unanswered for certain: the topic's stream is gone and a plain subscriber, which never
-/// replies, takes the message instead; the stream comes back only after that attempt arrived.
+/// to go unanswered for certain (see [`Unanswered`]); the stream comes back only after that
+/// attempt arrived.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lost_ack_is_recovered_by_republishing() {
-    use futures_util::StreamExt;
-
     let mut cfg = Nats::new().config;
     cfg.publish_ack_timeout = Duration::from_millis(500);
     cfg.publish_retries = 5;
-    let bus = Bus::new(
-        NatsTransport::connect(cfg).await.expect("connect"),
-        kit_config(),
-    )
-    .expect("bus");
-    let topic = unique("nats-lost-ack");
-    // The first publish provisions the stream; keep its configuration to bring it back later.
-    bus.publish_envelope_and_wait(&topic, &Envelope::new("a", "t", 1, json!({})))
-        .await
-        .expect("publish")
-        .outcome
-        .expect("acked");
-    let raw = async_nats::connect(nats_url()).await.expect("raw client");
-    let js = async_nats::jetstream::new(raw.clone());
-    let name = bus.transport().stream_name(&topic);
-    let config = js
-        .get_stream(&name)
-        .await
-        .expect("stream")
-        .info()
-        .await
-        .expect("info")
-        .config
-        .clone();
-    js.delete_stream(&name).await.expect("delete stream");
-    let mut sniffer = raw.subscribe(topic.clone()).await.expect("subscribe");
-    raw.flush().await.expect("flush");
+    let mut t = Unanswered::new(cfg, "nats-lost-ack").await;
 
     let e = Envelope::new("a", "t", 2, json!({}));
     let waiting = {
-        let (bus, topic, e) = (bus.clone(), topic.clone(), e.clone());
+        let (bus, topic, e) = (t.bus.clone(), t.topic.clone(), e.clone());
         tokio::spawn(async move { bus.publish_envelope_and_wait(&topic, &e).await })
     };
-    let first = tokio::time::timeout(kit_timeout(), sniffer.next())
-        .await
-        .expect("the first attempt arrives")
-        .expect("subscription open");
+    let first = t.next_attempt().await.expect("the first attempt arrives");
     let msg_id = first
         .headers
         .as_ref()
         .and_then(|h| h.get("Nats-Msg-Id"))
         .map(|v| v.as_str().to_string());
     assert_eq!(msg_id.as_deref(), Some(e.event_id.as_str()));
-    drop(sniffer);
-    raw.flush().await.expect("flush");
-    js.create_stream(config).await.expect("stream back");
+    t.sniffer.unsubscribe().await.expect("unsubscribe");
+    t.raw.flush().await.expect("flush");
+    let name = t.stream.name.clone();
+    t.js.create_stream(t.stream.clone())
+        .await
+        .expect("stream back");
 
     let r = tokio::time::timeout(kit_timeout(), waiting)
         .await
@@ -479,9 +512,9 @@ async fn a_lost_ack_is_recovered_by_republishing() {
         .expect("task")
         .expect("accepted");
     assert!(r.outcome.is_ok(), "the lost ACK was not recovered: {r:?}");
-    let mut stream = js.get_stream(&name).await.expect("stream");
+    let mut stream = t.js.get_stream(&name).await.expect("stream");
     assert_eq!(stream.info().await.expect("info").state.messages, 1);
-    bus.close().await.expect("close");
+    t.bus.close().await.expect("close");
 }
 
 /// `publish_ack_timeout` bounds the wait for an ACK that never comes. The bound asserted is ten
@@ -489,39 +522,19 @@ async fn a_lost_ack_is_recovered_by_republishing() {
 /// 5 s default) fails it, not a slow machine.
 #[tokio::test(flavor = "multi_thread")]
 async fn publish_ack_timeout_bounds_a_missing_ack() {
-    use futures_util::StreamExt;
-
     let mut cfg = Nats::new().config;
     cfg.publish_ack_timeout = Duration::from_millis(200);
     cfg.publish_retries = 0;
-    let bus = Bus::new(
-        NatsTransport::connect(cfg.clone()).await.expect("connect"),
-        kit_config(),
-    )
-    .expect("bus");
-    let topic = unique("nats-ack-timeout");
-    bus.publish_envelope_and_wait(&topic, &Envelope::new("a", "t", 1, json!({})))
-        .await
-        .expect("publish")
-        .outcome
-        .expect("acked");
-    // Nobody will answer: the stream is gone and a plain subscriber takes the message.
-    let raw = async_nats::connect(nats_url()).await.expect("raw client");
-    async_nats::jetstream::new(raw.clone())
-        .delete_stream(bus.transport().stream_name(&topic))
-        .await
-        .expect("delete stream");
-    let mut sniffer = raw.subscribe(topic.clone()).await.expect("subscribe");
-    raw.flush().await.expect("flush");
+    let mut t = Unanswered::new(cfg.clone(), "nats-ack-timeout").await;
     let started = std::time::Instant::now();
-    let r = bus
-        .publish_envelope_and_wait(&topic, &Envelope::new("a", "t", 2, json!({})))
+    let r = t
+        .bus
+        .publish_envelope_and_wait(&t.topic, &Envelope::new("a", "t", 2, json!({})))
         .await
         .expect("accepted");
     let waited = started.elapsed();
-    let went_out = tokio::time::timeout(kit_timeout(), sniffer.next()).await;
     assert!(
-        matches!(went_out, Ok(Some(_))),
+        t.next_attempt().await.is_some(),
         "the publish never went out"
     );
     assert!(
@@ -533,5 +546,5 @@ async fn publish_ack_timeout_bounds_a_missing_ack() {
         "waited {waited:?} for an ACK with publish_ack_timeout {:?}",
         cfg.publish_ack_timeout
     );
-    bus.close().await.expect("close");
+    t.bus.close().await.expect("close");
 }
