@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::{brokers, test_config};
 use eventbus_core::testkit::{
-    connection_lost_and_back, kit_config, ordering_violations, peak_tasks_during_flow, unique,
-    Outage, Recorder,
+    connection_lost_and_back, java_partition_mismatches, kit_config, ordering_violations,
+    peak_tasks_during_flow, unique, Outage, Recorder,
 };
 use eventbus_core::{
     Bus, BusConfig, BusError, Envelope, HandlerError, Message, Publication, TransportError,
@@ -440,26 +440,8 @@ async fn aggregates_land_on_the_java_clients_partition() {
     let config = test_config(&brokers());
     let partitions = u32::try_from(config.topic.partitions).expect("positive");
     let bus = bus_with(config, kit_config()).await;
-    let topic = unique("kafka-partitioner");
-    let mut mismatches = Vec::new();
-    for a in 0..40 {
-        let aggregate = format!("order-{a}");
-        let e = Envelope::new(aggregate.as_str(), "t", 1, json!({}));
-        let r = bus
-            .publish_envelope_and_wait(&topic, &e)
-            .await
-            .expect("publish");
-        let stored = r
-            .outcome
-            .expect("acked")
-            .position
-            .and_then(|p| p.partition)
-            .expect("a partition in the receipt");
-        let java = eventbus_core::partitioner::partition_for(aggregate.as_bytes(), partitions);
-        if stored != java {
-            mismatches.push((aggregate, stored, java));
-        }
-    }
+    let mismatches =
+        java_partition_mismatches(&bus, &unique("kafka-partitioner"), partitions).await;
     assert!(
         mismatches.is_empty(),
         "(aggregate, stored, Java client's) differ: {mismatches:?}"

@@ -239,37 +239,19 @@ impl Delivery for MemoryDelivery {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
-
-    use crate::partitioner::partition_for;
-    use crate::Headers;
+    use crate::testkit::{java_partition_mismatches, kit_config};
+    use crate::Bus;
 
     /// Keys are placed as Kafka's Java client places them, so an aggregate has one partition
     /// number on every backend.
     #[tokio::test]
     async fn keys_land_on_the_java_clients_partition() {
-        let t = MemoryTransport::new();
         let partitions = crate::memory::MemoryConfig::default().partitions;
-        for a in 0..40 {
-            let key = format!("order-{a}");
-            let ack = t
-                .send(OutgoingMessage {
-                    topic: "placement".into(),
-                    event_id: format!("e-{a}"),
-                    key: Some(key.clone()),
-                    headers: Headers::new(),
-                    payload: Bytes::from_static(b"{}"),
-                })
-                .await
-                .expect("send");
-            let partition = ack
-                .await
-                .expect("ack")
-                .position
-                .and_then(|p| p.partition)
-                .expect("partition");
-            let want = partition_for(key.as_bytes(), partitions);
-            assert_eq!(partition, want, "{key}");
-        }
+        let bus = Bus::new(MemoryTransport::new(), kit_config()).expect("bus");
+        let mismatches = java_partition_mismatches(&bus, "placement", partitions).await;
+        assert!(
+            mismatches.is_empty(),
+            "(aggregate, stored, Java client's) differ: {mismatches:?}"
+        );
     }
 }

@@ -33,6 +33,7 @@ mod groups;
 mod lifecycle;
 mod ordering;
 mod outage;
+mod placement;
 mod recorder;
 
 pub use compression::*;
@@ -42,6 +43,7 @@ pub use groups::*;
 pub use lifecycle::*;
 pub use ordering::*;
 pub use outage::{connection_lost_and_back, Outage};
+pub use placement::java_partition_mismatches;
 pub use recorder::Recorder;
 
 /// The names of every case, in the order [`conformance_tests!`](crate::conformance_tests)
