@@ -88,7 +88,11 @@ pub async fn nats(
     } else {
         stream::StorageType::File
     };
-    let checker = Arc::new(Checker::new(plan.aggregates, plan.versions, false));
+    let checker = Arc::new(Checker::new(
+        plan.shape.aggregates,
+        plan.shape.versions,
+        false,
+    ));
     let warm = Arc::new(AtomicUsize::new(0));
     let mut consumers = Vec::new();
     let stream_names: Vec<String> = (0..plan.topics())
@@ -164,8 +168,8 @@ pub async fn nats(
         );
         tasks.push(tokio::spawn(async move {
             let mut i = 0;
-            for v in 1..=plan.versions {
-                for agg in (p..plan.aggregates).step_by(publishers) {
+            for v in 1..=plan.shape.versions {
+                for agg in (p..plan.shape.aggregates).step_by(publishers) {
                     let due = pacer.due(p, i).await;
                     i += 1;
                     let e = Pacer::stamp(due, plan.event(&k, agg, v));
@@ -250,7 +254,11 @@ pub async fn kafka(shape: &Shape, repeat: usize, k: &Knobs) -> Result<RunResult,
         .create_topics(new.iter(), &AdminOptions::new())
         .await
         .map_err(|e| format!("cannot create topics on Kafka at {brokers}: {e}"))?;
-    let checker = Arc::new(Checker::new(plan.aggregates, plan.versions, false));
+    let checker = Arc::new(Checker::new(
+        plan.shape.aggregates,
+        plan.shape.versions,
+        false,
+    ));
     let warm = Arc::new(AtomicUsize::new(0));
     let mut consumers = Vec::new();
     for topic in &topics {
@@ -304,8 +312,8 @@ pub async fn kafka(shape: &Shape, repeat: usize, k: &Knobs) -> Result<RunResult,
         );
         tasks.push(tokio::spawn(async move {
             let mut i = 0;
-            for v in 1..=plan.versions {
-                for agg in (p..plan.aggregates).step_by(publishers) {
+            for v in 1..=plan.shape.versions {
+                for agg in (p..plan.shape.aggregates).step_by(publishers) {
                     let due = pacer.due(p, i).await;
                     i += 1;
                     let e = Pacer::stamp(due, plan.event(&k, agg, v));

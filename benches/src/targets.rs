@@ -290,8 +290,6 @@ impl Peaks {
 /// The envelopes of one run, in publishing order per publisher.
 pub(crate) struct Plan {
     pub(crate) shape: Shape,
-    pub(crate) aggregates: usize,
-    pub(crate) versions: usize,
     pub(crate) run_id: String,
 }
 
@@ -300,8 +298,6 @@ impl Plan {
         let id = eventbus::new_event_id();
         Self {
             shape: shape.clone(),
-            aggregates: shape.aggregates,
-            versions: shape.versions,
             run_id: id[id.len() - 8..].to_string(),
         }
     }
@@ -337,7 +333,7 @@ impl Plan {
 
     /// Sequence number of (aggregate, version): also the event id.
     pub(crate) fn seq(&self, agg: usize, version: usize) -> usize {
-        agg * self.versions + (version - 1)
+        agg * self.shape.versions + (version - 1)
     }
 
     pub(crate) fn event(&self, k: &Knobs, agg: usize, version: usize) -> Envelope {
@@ -406,7 +402,7 @@ pub(crate) fn result(
         scenario: plan.shape.name.clone(),
         repeat,
         messages: n,
-        aggregates: plan.aggregates,
+        aggregates: plan.shape.aggregates,
         send_per_sec: n as f64 / send.as_secs_f64(),
         e2e_per_sec: n as f64 / e2e.as_secs_f64(),
         publish_ack_latency: clock.acked.percentiles(),
@@ -448,7 +444,7 @@ pub async fn run(
 pub(crate) fn publishers(plan: &Plan, k: &Knobs) -> usize {
     k.publishers_per_topic
         .map_or(k.publishers, |p| p * plan.topics())
-        .clamp(1, plan.aggregates.max(1))
+        .clamp(1, plan.shape.aggregates.max(1))
 }
 
 fn backend(target: Target, plan: &Plan, k: &Knobs) -> Result<BackendConfig, String> {
@@ -515,7 +511,11 @@ async fn run_bus(
     let bus: EventBus = eventbus::connect(backend(target, &plan, k)?, config)
         .await
         .map_err(|e| format!("{}: {e}", target.name()))?;
-    let checker = Arc::new(Checker::new(plan.aggregates, plan.versions, true));
+    let checker = Arc::new(Checker::new(
+        plan.shape.aggregates,
+        plan.shape.versions,
+        true,
+    ));
     let warm = Arc::new(AtomicUsize::new(0));
     for t in 0..plan.topics() {
         let (c, w) = (checker.clone(), warm.clone());
@@ -560,8 +560,8 @@ async fn run_bus(
         let (bus, plan, clock, k) = (bus.clone(), plan.clone(), clock.clone(), k.clone());
         tasks.push(tokio::spawn(async move {
             let mut i = 0;
-            for v in 1..=plan.versions {
-                for agg in (p..plan.aggregates).step_by(publishers) {
+            for v in 1..=plan.shape.versions {
+                for agg in (p..plan.shape.aggregates).step_by(publishers) {
                     let due = pacer.due(p, i).await;
                     i += 1;
                     let e = Pacer::stamp(due, plan.event(&k, agg, v));
