@@ -455,7 +455,10 @@ impl Unanswered {
             .clone();
         js.delete_stream(&name).await.expect("delete stream");
         let sniffer = raw.subscribe(topic.clone()).await.expect("subscribe");
-        raw.flush().await.expect("flush");
+        // `flush` only writes the SUB out; a round trip on the same connection proves the
+        // server registered it (it reads a connection in order). Without it the bus's publish
+        // can arrive first and be answered "no responders" instead of going unanswered.
+        js.query_account().await.expect("a round trip after SUB");
         Self {
             bus,
             topic,
