@@ -35,6 +35,7 @@ mod ordering;
 mod outage;
 mod placement;
 mod recorder;
+mod scaleout;
 
 pub use compression::*;
 pub use delivery::*;
@@ -45,6 +46,7 @@ pub use ordering::*;
 pub use outage::{connection_lost_and_back, Outage};
 pub use placement::java_partition_mismatches;
 pub use recorder::Recorder;
+pub use scaleout::*;
 
 /// The names of every case, in the order [`conformance_tests!`](crate::conformance_tests)
 /// runs them.
@@ -196,7 +198,8 @@ macro_rules! __eventbus_kit_cases {
                 round_trip, headers_round_trip, per_aggregate_order, global_pool_delivery,
                 blocked_aggregate_stalls_no_other, retrying_aggregate_keeps_order_others_flow,
                 retry_then_success, panic_is_an_error, dead_letter_after_attempts,
-                consumer_group_shares_work, independent_groups, new_subscriber_receives_stored,
+                consumer_group_shares_work, group_across_instances_keeps_aggregate_order,
+                independent_groups, new_subscriber_receives_stored,
                 resume_after_restart, one_result_per_publish, dedup_by_event_id,
                 close_while_publishing_loses_nothing, close_bounded_with_unread_results,
                 subscribe_racing_close_leaves_nothing, compression_round_trip,
