@@ -10,7 +10,6 @@ use async_nats::jetstream::{self, context::PublishErrorKind};
 use bytes::Bytes;
 use eventbus_core::{BrokerPosition, ErrorDetail, Headers, Receipt, TransportError};
 
-use crate::naming::subject;
 use crate::transport::nats_message;
 
 /// Wait before republishing after a lost ACK; doubles up to `MAX_REPUBLISH_BACKOFF`.
@@ -59,7 +58,8 @@ fn receipt(ack: &jetstream::publish::PublishAck) -> Receipt {
 /// What republishing a message needs: its parts, moved out of the publish (nothing copied).
 pub(crate) struct Republish {
     pub(crate) context: Arc<jetstream::Context>,
-    pub(crate) topic: String,
+    /// The partition's subject.
+    pub(crate) subject: String,
     pub(crate) event_id: String,
     pub(crate) headers: Headers,
     pub(crate) payload: Bytes,
@@ -82,15 +82,11 @@ impl Republish {
                 return Err(publish_error(err));
             }
             attempt += 1;
-            tracing::debug!(subject = %self.topic, attempt, error = %err, "publish ACK lost; republishing with the same Nats-Msg-Id");
+            tracing::debug!(subject = %self.subject, attempt, error = %err, "publish ACK lost; republishing with the same Nats-Msg-Id");
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_REPUBLISH_BACKOFF);
             let again = nats_message(&self.headers, &self.payload, &self.event_id)?;
-            err = match self
-                .context
-                .send_publish(subject(&self.topic).to_string(), again)
-                .await
-            {
+            err = match self.context.send_publish(self.subject.clone(), again).await {
                 Ok(pending) => match pending.await {
                     Ok(ack) => return Ok(receipt(&ack)),
                     Err(e) => e,

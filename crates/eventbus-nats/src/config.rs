@@ -64,6 +64,12 @@ pub struct StreamSettings {
     pub duplicate_window: Duration,
     /// Replicas (default 1).
     pub replicas: usize,
+    /// Partitions of a new topic (default 16, like the Kafka backend's topics): the publisher
+    /// puts an aggregate's events on `<topic>.<partition>`, partition = murmur2(aggregate id)
+    /// mod partitions, as Kafka's Java client does, and a consumer group hands whole partitions
+    /// to its instances. Fixed once the stream exists: the stream's metadata records it and an
+    /// existing stream's count wins over this one.
+    pub partitions: u16,
 }
 
 impl Default for StreamSettings {
@@ -76,6 +82,7 @@ impl Default for StreamSettings {
             max_age: Duration::ZERO,
             duplicate_window: Duration::from_secs(120),
             replicas: 1,
+            partitions: 16,
         }
     }
 }
@@ -97,6 +104,39 @@ impl Default for ConsumerSettings {
             ack_wait: Duration::from_secs(30),
             max_ack_pending: 10_000,
             max_waiting: 1_000,
+        }
+    }
+}
+
+/// How the instances of a consumer group share a topic's partitions (see docs/nats.md).
+///
+/// Each partition is owned by one live instance at a time through a lease in a JetStream
+/// key-value bucket next to the topic's stream; instances announce themselves in the same
+/// bucket. Every `heartbeat` an instance renews its leases and its membership, looks at the
+/// members and takes or hands over partitions, so a joining instance gets its share within a
+/// few heartbeats and a partition of an instance that died moves once its lease expired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSettings {
+    /// How long a lease and a membership entry live without renewal (default 10 s): the
+    /// longest a dead instance's partitions wait for a new owner. An instance that cannot renew
+    /// stops taking messages of its partitions one heartbeat before this, so a paused or cut-off
+    /// instance stops before another one may start. Fixed per topic by the first instance: the
+    /// bucket's age limit is the lease time.
+    pub lease_ttl: Duration,
+    /// How often leases and membership are renewed and partitions rebalanced (default 1 s). At
+    /// most a third of `lease_ttl`, so two renewals can be lost before a lease lapses.
+    pub heartbeat: Duration,
+    /// This instance's name in its groups (`[A-Za-z0-9_-]`, default: a random one per
+    /// subscription). Shown in the bucket, for operators.
+    pub instance_id: Option<String>,
+}
+
+impl Default for GroupSettings {
+    fn default() -> Self {
+        Self {
+            lease_ttl: Duration::from_secs(10),
+            heartbeat: Duration::from_secs(1),
+            instance_id: None,
         }
     }
 }
@@ -125,6 +165,8 @@ pub struct NatsConfig {
     pub stream: StreamSettings,
     /// Per-consumer settings.
     pub consumer: ConsumerSettings,
+    /// How a consumer group's instances share partitions.
+    pub group: GroupSettings,
     /// Publishes awaiting a JetStream ACK at most, in the client (default 10,000; keep it at
     /// least the bus's `in_flight_window`).
     pub max_ack_inflight: usize,
@@ -150,6 +192,7 @@ impl NatsConfig {
             connect_timeout: Duration::from_secs(5),
             stream: StreamSettings::default(),
             consumer: ConsumerSettings::default(),
+            group: GroupSettings::default(),
             max_ack_inflight: 10_000,
             publish_ack_timeout: Duration::from_secs(5),
             publish_retries: 5,

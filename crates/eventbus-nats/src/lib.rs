@@ -26,11 +26,14 @@
 
 mod ack;
 mod config;
+mod group;
 mod naming;
 mod subscription;
 mod transport;
 
 pub use ack::NatsAck;
-pub use config::{Auth, ConsumerSettings, NatsConfig, Secret, Storage, StreamSettings, Tls};
+pub use config::{
+    Auth, ConsumerSettings, GroupSettings, NatsConfig, Secret, Storage, StreamSettings, Tls,
+};
 pub use subscription::{NatsDelivery, NatsSubscription};
 pub use transport::NatsTransport;

@@ -1,14 +1,29 @@
-//! Topic → subject and stream names.
+//! Topic → subject, stream, consumer and bucket names.
 //!
-//! A topic is published on the subject of the same name (the core's topic rule makes every
-//! topic a valid subject: no wildcards, no spaces, no empty tokens). Each topic has its own
-//! stream, `<prefix><topic with '.' → '_'>`, capturing exactly that subject; a per-topic stream
-//! gives each topic its own limits and its own duplicate window (so a dead letter, which keeps
-//! its original `X-Event-ID`, is never taken for a duplicate of the original).
+//! A topic is split into partitions: partition `n` of topic `orders` is the subject
+//! `orders.n`, and the topic's stream captures `orders.*`. The core's topic rule makes every
+//! topic a valid subject (no wildcards, no spaces, no empty tokens), and two topics never
+//! overlap: `orders.*` and `orders.dlq.*` differ in their number of tokens, and a subject
+//! `x.n` belongs to topic `x` alone. Each topic has its own stream,
+//! `<prefix><topic with '.' → '_'>`, so each has its own limits and its own duplicate window
+//! (a dead letter keeps its original `X-Event-ID` and is never taken for a duplicate of it).
 
-/// The subject of `topic`.
-pub(crate) fn subject(topic: &str) -> &str {
-    topic
+/// The stream metadata key recording a topic's partition count.
+pub(crate) const PARTITIONS_METADATA: &str = "eventbus.partitions";
+
+/// The subject of `topic`'s partition `partition`.
+pub(crate) fn partition_subject(topic: &str, partition: u16) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(topic.len() + 6);
+    s.push_str(topic);
+    // Writing a number into a String cannot fail.
+    let _ = write!(s, ".{partition}");
+    s
+}
+
+/// The subjects a topic's stream captures: every partition.
+pub(crate) fn stream_subjects(topic: &str) -> String {
+    format!("{topic}.*")
 }
 
 /// The stream holding `topic`.
@@ -19,6 +34,31 @@ pub(crate) fn stream_name(prefix: &str, topic: &str) -> String {
     s
 }
 
+/// The durable consumer of `group` on one partition.
+pub(crate) fn consumer_name(group: &str, partition: u16) -> String {
+    format!("{group}-p{partition}")
+}
+
+/// The key-value bucket where the groups of a stream keep membership and partition leases.
+pub(crate) fn group_bucket(stream: &str) -> String {
+    format!("{stream}_groups")
+}
+
+/// The membership key of `instance` in `group`.
+pub(crate) fn member_key(group: &str, instance: &str) -> String {
+    format!("{group}.m.{instance}")
+}
+
+/// The prefix of every membership key of `group`.
+pub(crate) fn member_prefix(group: &str) -> String {
+    format!("{group}.m.")
+}
+
+/// The lease key of `partition` in `group`.
+pub(crate) fn lease_key(group: &str, partition: u16) -> String {
+    format!("{group}.l.{partition}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -27,5 +67,14 @@ mod tests {
     fn stream_names_have_no_dots() {
         assert_eq!(stream_name("EB_", "orders.created"), "EB_orders_created");
         assert_eq!(stream_name("", "a-b"), "a-b");
+    }
+
+    #[test]
+    fn partitions_are_one_token_under_the_topic() {
+        assert_eq!(partition_subject("orders.created", 7), "orders.created.7");
+        assert_eq!(stream_subjects("orders.created"), "orders.created.*");
+        assert_eq!(consumer_name("billing", 3), "billing-p3");
+        assert_eq!(lease_key("billing", 3), "billing.l.3");
+        assert!(member_key("billing", "i-1").starts_with(&member_prefix("billing")));
     }
 }

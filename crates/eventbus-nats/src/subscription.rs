@@ -1,9 +1,11 @@
-//! Durable pull consumers: one per topic and group, read by one fetcher.
+//! A consumer group member: pulls from the partitions its group hands it, through one fetcher.
 
+use std::future::poll_fn;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::consumer::{pull, AckPolicy};
 use async_nats::jetstream::message::AckKind;
 use async_nats::jetstream::{self};
 use async_nats::Subject;
@@ -12,30 +14,37 @@ use eventbus_core::{
 };
 use futures_util::{FutureExt, StreamExt};
 
-use crate::naming::subject;
+use crate::group::{self, GroupSpec, LoadGuard, Membership};
 use crate::transport::{headers_from, NatsTransport};
 
-/// At close, the pull stream is read for prefetched messages until it is quiet this long...
-const CLOSE_QUIET: Duration = Duration::from_millis(50);
-/// ...or this long in all...
-const CLOSE_HAND_BACK_LIMIT: Duration = Duration::from_secs(2);
-/// ...or until this many were collected (the rest of an open pull comes back after AckWait).
-const CLOSE_HAND_BACK_MAX: usize = 10_000;
+/// The pull stream of one owned partition.
+struct Pulling {
+    partition: u16,
+    epoch: u64,
+    messages: pull::Stream,
+}
 
-/// One member of a consumer group: a durable pull consumer named after the group.
+/// One member of a consumer group: pulls from the partitions whose leases its group's
+/// coordinator holds (see [`crate::group`]), each through the group's durable consumer of
+/// that partition, all read by the subscription's one fetcher.
 pub struct NatsSubscription {
     /// Shared with every delivery, which acks through it.
     client: Arc<async_nats::Client>,
-    consumer: PullConsumer,
-    messages: Option<pull::Stream>,
     topic: Arc<str>,
     pull_expires: Duration,
+    membership: Option<Membership>,
+    pulling: Vec<Pulling>,
+    /// Where the next look for a message starts, so no partition starves the others.
+    turn: usize,
+    /// A pull stream ended or could not start: look at the assignment again.
+    dirty: bool,
 }
 
 impl NatsSubscription {
     pub(crate) async fn create(
         transport: &NatsTransport,
         spec: SubscriptionSpec,
+        partitions: u16,
     ) -> Result<Self, TransportError> {
         let stream_name = transport.stream_name(&spec.topic);
         let stream = transport
@@ -45,62 +54,96 @@ impl NatsSubscription {
             .map_err(|e| {
                 TransportError::Provisioning(format!("stream {stream_name}: {e}").into())
             })?;
-        let c = &transport.config.consumer;
-        let filter = subject(&spec.topic).to_string();
-        let wanted = pull::Config {
-            durable_name: Some(spec.group.clone()),
-            deliver_policy: DeliverPolicy::All,
+        let (store, lease_ttl) = transport.group_store(&spec.topic).await?;
+        let config = &transport.config;
+        let c = &config.consumer;
+        let consumer = pull::Config {
             ack_policy: AckPolicy::Explicit,
             ack_wait: c.ack_wait,
             // Retries and dead letters are the dispatcher's job: the server never gives up.
             max_deliver: -1,
-            filter_subject: filter.clone(),
             max_waiting: c.max_waiting,
             max_ack_pending: c.max_ack_pending,
             ..Default::default()
         };
-        let consumer: PullConsumer = stream
-            .get_or_create_consumer(&spec.group, wanted)
-            .await
-            .map_err(|e| {
-                TransportError::Provisioning(
-                    format!("consumer {} on stream {stream_name}: {e}", spec.group).into(),
-                )
-            })?;
-        let have = &consumer.cached_info().config;
-        if have.ack_policy != AckPolicy::Explicit {
-            return Err(TransportError::Provisioning(format!(
-                "consumer {} on {stream_name} exists with ack policy {:?}; eventbus needs explicit acks",
-                spec.group, have.ack_policy
-            ).into()));
-        }
-        if !have.filter_subject.is_empty() && have.filter_subject != filter {
-            return Err(TransportError::Provisioning(
-                format!(
-                    "consumer {} on {stream_name} filters {:?}, not {filter:?}",
-                    spec.group, have.filter_subject
-                )
-                .into(),
-            ));
-        }
-        if have.ack_wait != c.ack_wait || have.max_ack_pending != c.max_ack_pending {
-            tracing::warn!(consumer = %spec.group, stream = %stream_name,
-                "existing consumer settings differ from the configuration; keeping the server's");
-        }
+        let instance = config
+            .group
+            .instance_id
+            .clone()
+            .unwrap_or_else(eventbus_core::new_event_id);
+        let membership = group::join(
+            GroupSpec {
+                topic: spec.topic.clone(),
+                group: spec.group,
+                instance,
+                partitions,
+                heartbeat: config.group.heartbeat.min(lease_ttl / 3),
+                lease_ttl,
+                consumer,
+            },
+            store,
+            stream,
+        )
+        .await;
         Ok(Self {
             client: Arc::new(transport.client.clone()),
-            consumer,
-            messages: None,
             topic: Arc::from(spec.topic.as_str()),
-            pull_expires: transport.config.pull_expires,
+            pull_expires: config.pull_expires,
+            membership: Some(membership),
+            pulling: Vec::new(),
+            turn: 0,
+            dirty: false,
         })
     }
 
-    fn delivery(&self, mut m: jetstream::Message) -> NatsDelivery {
+    /// Pulls exactly the partitions the group hands this instance now: drops the streams of
+    /// partitions given up (what they prefetched is redelivered to the next owner, which
+    /// starts from the ack floor) and opens streams for partitions taken.
+    async fn follow_assignment(&mut self, batch: usize) {
+        let Some(membership) = self.membership.as_mut() else {
+            return;
+        };
+        let owned = membership.assignment.borrow_and_update().clone();
+        self.pulling.retain(|p| {
+            owned
+                .iter()
+                .any(|o| o.partition == p.partition && o.epoch == p.epoch)
+        });
+        self.dirty = false;
+        // Each stream keeps a share of the batch requested, so the prefetched total stays
+        // about one batch however many partitions this instance owns.
+        let per_stream = (batch / owned.len().max(1)).max(16);
+        for o in owned.iter() {
+            if self.pulling.iter().any(|p| p.partition == o.partition) {
+                continue;
+            }
+            let started = o
+                .consumer
+                .stream()
+                .max_messages_per_batch(per_stream)
+                .expires(self.pull_expires)
+                .messages()
+                .await;
+            match started {
+                Ok(messages) => self.pulling.push(Pulling {
+                    partition: o.partition,
+                    epoch: o.epoch,
+                    messages,
+                }),
+                Err(e) => {
+                    tracing::warn!(topic = %self.topic, partition = o.partition, error = %e, "cannot pull from a partition; trying again");
+                    self.dirty = true;
+                }
+            }
+        }
+        membership.set_pulling(self.pulling.iter().map(|p| p.partition));
+    }
+
+    fn delivery(&self, partition: u16, mut m: jetstream::Message) -> NatsDelivery {
         let (position, delivered) = match m.info() {
             Ok(info) => (
                 Some(BrokerPosition {
-                    partition: None,
+                    partition: Some(u32::from(partition)),
                     offset: info.stream_sequence,
                 }),
                 u32::try_from(info.delivered.max(1)).unwrap_or(u32::MAX),
@@ -123,8 +166,36 @@ impl NatsSubscription {
             reply: m.message.reply.take(),
             client: self.client.clone(),
             message,
+            _load: self
+                .membership
+                .as_ref()
+                .map(|g| LoadGuard::new(&g.load, partition)),
         }
     }
+}
+
+/// What one look at the pull streams found.
+// Lives on the stack for one move; boxing the message would allocate once per message.
+#[allow(clippy::large_enum_variant)]
+enum Next {
+    Message(usize, jetstream::Message),
+    Failed(usize, async_nats::jetstream::consumer::pull::MessagesError),
+    Ended(usize),
+}
+
+/// The next message of any stream, looking at each in turn from `turn`.
+fn poll_next(pulling: &mut [Pulling], turn: usize, cx: &mut std::task::Context<'_>) -> Poll<Next> {
+    let n = pulling.len();
+    for i in 0..n {
+        let idx = (turn + i) % n;
+        match pulling[idx].messages.poll_next_unpin(cx) {
+            Poll::Ready(Some(Ok(m))) => return Poll::Ready(Next::Message(idx, m)),
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Next::Failed(idx, e)),
+            Poll::Ready(None) => return Poll::Ready(Next::Ended(idx)),
+            Poll::Pending => {}
+        }
+    }
+    Poll::Pending
 }
 
 impl Subscription for NatsSubscription {
@@ -135,96 +206,105 @@ impl Subscription for NatsSubscription {
         max: usize,
         max_wait: Duration,
     ) -> Result<Vec<NatsDelivery>, TransportError> {
-        if self.messages.is_none() {
-            // A continuous pull: the client keeps up to `max` messages requested and hands
-            // them over as they arrive, so a small batch never waits for a full one.
-            let stream = self
-                .consumer
-                .stream()
-                .max_messages_per_batch(max)
-                .expires(self.pull_expires)
-                .messages()
-                .await
-                .map_err(|e| {
-                    TransportError::Unavailable(ErrorDetail::with_source(format!("pull: {e}"), e))
-                })?;
-            self.messages = Some(stream);
+        let deadline = tokio::time::Instant::now() + max_wait;
+        let mut batch = Vec::new();
+        while batch.is_empty() {
+            let changed = match self.membership.as_ref() {
+                None => return Err(TransportError::Closed),
+                Some(m) => m.assignment.has_changed().map_err(|_| {
+                    TransportError::Unavailable("the consumer group's coordinator ended".into())
+                })?,
+            };
+            if changed || self.dirty {
+                self.follow_assignment(max).await;
+            }
+            let Some(membership) = self.membership.as_mut() else {
+                return Err(TransportError::Closed);
+            };
+            let turn = self.turn;
+            let pulling = &mut self.pulling;
+            let next = tokio::select! {
+                // A new assignment: follow it before taking more.
+                r = membership.assignment.changed() => {
+                    r.map_err(|_| TransportError::Unavailable(
+                        "the consumer group's coordinator ended".into()))?;
+                    // `changed` marked it seen: follow it on the next turn.
+                    self.dirty = true;
+                    continue;
+                }
+                next = poll_fn(|cx| poll_next(pulling, turn, cx)) => next,
+                _ = tokio::time::sleep_until(deadline) => return Ok(Vec::new()),
+            };
+            match next {
+                Next::Message(idx, m) => {
+                    self.turn = idx + 1;
+                    batch.push((self.pulling[idx].partition, m));
+                }
+                Next::Failed(idx, e) => {
+                    use async_nats::jetstream::consumer::pull::MessagesErrorKind;
+                    if e.kind() == MessagesErrorKind::ConsumerDeleted {
+                        // Another instance took the partition over and restarted its consumer.
+                        tracing::warn!(topic = %self.topic, partition = self.pulling[idx].partition,
+                            "the partition's consumer was deleted; no longer pulling it");
+                        self.pulling.swap_remove(idx);
+                        self.dirty = true;
+                        continue;
+                    }
+                    // The stream reports and recovers (missed heartbeats across a
+                    // reconnect); it is rebuilt only if it ends.
+                    return Err(TransportError::Unavailable(ErrorDetail::with_source(
+                        format!("pull: {e}"),
+                        e,
+                    )));
+                }
+                Next::Ended(idx) => {
+                    self.pulling.swap_remove(idx);
+                    self.dirty = true;
+                }
+            }
         }
-        let Some(stream) = self.messages.as_mut() else {
-            return Ok(Vec::new());
-        };
-        let first = match tokio::time::timeout(max_wait, stream.next()).await {
-            Err(_) => return Ok(Vec::new()),
-            Ok(None) => {
-                self.messages = None;
-                return Err(TransportError::Unavailable("pull stream ended".into()));
-            }
-            Ok(Some(Err(e))) => {
-                // The stream reports and recovers (missed heartbeats across a reconnect);
-                // it is rebuilt only if it ends.
-                return Err(TransportError::Unavailable(ErrorDetail::with_source(
-                    format!("pull: {e}"),
-                    e,
-                )));
-            }
-            Ok(Some(Ok(m))) => m,
-        };
-        let mut batch = Vec::with_capacity(max.min(64));
-        batch.push(first);
-        while batch.len() < max {
-            match stream.next().now_or_never() {
-                Some(Some(Ok(m))) => batch.push(m),
+        // Then whatever else is already here, from every partition, without waiting.
+        let mut idle = 0;
+        while batch.len() < max && idle < self.pulling.len() {
+            let idx = self.turn % self.pulling.len();
+            self.turn = idx + 1;
+            match self.pulling[idx].messages.next().now_or_never() {
+                Some(Some(Ok(m))) => {
+                    idle = 0;
+                    batch.push((self.pulling[idx].partition, m));
+                }
                 Some(Some(Err(e))) => {
                     tracing::debug!(error = %e, "pull stream error after a batch");
-                    break;
+                    idle += 1;
                 }
                 Some(None) => {
-                    self.messages = None;
-                    break;
+                    self.pulling.swap_remove(idx);
+                    self.dirty = true;
+                    idle = 0;
                 }
-                None => break,
+                None => idle += 1,
             }
         }
-        Ok(batch.into_iter().map(|m| self.delivery(m)).collect())
+        Ok(batch
+            .into_iter()
+            .map(|(partition, m)| self.delivery(partition, m))
+            .collect())
     }
 
     async fn release_prefetched(&mut self) {
-        // What the client already pulled (and what the open pull request still brings) is
-        // nak'ed, so another member gets it now rather than after AckWait. The naks go out
-        // only after our pull subscription is gone from the server: a nak'ed message is
-        // redelivered at once to a waiting pull request, and while ours were still open it
-        // would come straight back to this closing member (and be lost to it until AckWait),
-        // as would every message the dispatcher hands back after this.
-        let Some(mut stream) = self.messages.take() else {
-            return;
-        };
-        let mut prefetched = Vec::new();
-        let limit = tokio::time::Instant::now() + CLOSE_HAND_BACK_LIMIT;
-        while prefetched.len() < CLOSE_HAND_BACK_MAX {
-            let quiet = (tokio::time::Instant::now() + CLOSE_QUIET).min(limit);
-            match tokio::time::timeout_at(quiet, stream.next()).await {
-                Ok(Some(Ok(m))) => prefetched.push(m),
-                _ => break,
-            }
+        // Stop pulling; what the streams prefetched stays unacked and goes to the next owner
+        // of each partition, which restarts the partition's consumer at its ack floor.
+        self.pulling.clear();
+        if let Some(m) = self.membership.as_ref() {
+            m.set_pulling(std::iter::empty());
         }
-        // Dropping the stream unsubscribes its inbox; the flush puts the UNSUB on the wire
-        // ahead of the naks, and the server skips pull requests nobody listens to.
-        drop(stream);
-        if let Err(e) = self.client.flush().await {
-            tracing::debug!(error = %e, "flush before handing back prefetched messages");
-        }
-        let handed_back = prefetched.len();
-        for m in prefetched {
-            if let Err(e) = m.ack_with(AckKind::Nak(None)).await {
-                tracing::debug!(error = %e, "nak of a prefetched message failed");
-            }
-        }
-        tracing::debug!(topic = %self.topic, handed_back, "prefetched messages handed back");
     }
 
-    async fn close(self) -> Result<(), TransportError> {
-        // The durable consumer stays on the server; dropping the stream ends the pulls.
-        drop(self.messages);
+    async fn close(mut self) -> Result<(), TransportError> {
+        self.pulling.clear();
+        if let Some(m) = self.membership.take() {
+            m.leave().await;
+        }
         Ok(())
     }
 }
@@ -235,6 +315,8 @@ pub struct NatsDelivery {
     reply: Option<Subject>,
     client: Arc<async_nats::Client>,
     message: Message,
+    /// Counts this delivery as out for its partition until it is settled or dropped.
+    _load: Option<LoadGuard>,
 }
 
 fn ack_error(e: async_nats::Error) -> TransportError {

@@ -1,15 +1,16 @@
 //! The NATS transport: connection, stream provisioning, publishing with ACK futures.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::future::IntoFuture;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_nats::connection::State;
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream::{self, kv, stream};
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
+use eventbus_core::partitioner::partition_for;
 use eventbus_core::{
     Capabilities, ConnectionState, ErrorDetail, Headers, Health, OutgoingMessage, SubscriptionSpec,
     Transport, TransportError,
@@ -17,7 +18,9 @@ use eventbus_core::{
 
 use crate::ack::{publish_error, NatsAck, Republish};
 use crate::config::{Auth, NatsConfig, Storage};
-use crate::naming::{stream_name, subject};
+use crate::naming::{
+    group_bucket, partition_subject, stream_name, stream_subjects, PARTITIONS_METADATA,
+};
 use crate::subscription::NatsSubscription;
 
 /// How long `close` waits for the client to report its connection ended.
@@ -31,10 +34,45 @@ pub struct NatsTransport {
     /// which must not outlive the bus.
     context: RwLock<Option<Arc<jetstream::Context>>>,
     pub(crate) config: NatsConfig,
-    provisioned: RwLock<HashSet<String>>,
+    /// Topics whose stream exists, with their partition count.
+    provisioned: RwLock<HashMap<String, u16>>,
+    /// Spreads messages without an aggregate over the partitions.
+    round_robin: AtomicU32,
     closed: AtomicBool,
     /// Becomes true when the client reports its connection closed for good.
     disconnected: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Checks the settings no server can fix.
+fn validate(config: &NatsConfig) -> Result<(), TransportError> {
+    let bad = |text: String| {
+        Err(TransportError::Other(
+            format!("configuration: {text}").into(),
+        ))
+    };
+    if config.stream.partitions == 0 {
+        return bad("stream.partitions must be at least 1".into());
+    }
+    let g = &config.group;
+    if g.heartbeat.is_zero() || g.heartbeat * 3 > g.lease_ttl {
+        return bad(format!(
+            "group.heartbeat ({:?}) must be above zero and at most a third of group.lease_ttl ({:?})",
+            g.heartbeat, g.lease_ttl
+        ));
+    }
+    if let Some(id) = &g.instance_id {
+        let ok = !id.is_empty()
+            && id.len() <= 64
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
+        if !ok {
+            return bad(format!(
+                "group.instance_id {id:?} must be 1-64 characters of A-Z a-z 0-9 _ -"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Strips `user:password@` from URLs so errors and logs never carry credentials.
@@ -53,6 +91,7 @@ impl NatsTransport {
     /// Connects (one connection) and sets up the JetStream context. Fails at once, with the
     /// address, if the server cannot be reached.
     pub async fn connect(config: NatsConfig) -> Result<Self, TransportError> {
+        validate(&config)?;
         let (disconnected_tx, disconnected) = tokio::sync::watch::channel(false);
         let disconnected_tx = Arc::new(disconnected_tx);
         let mut opts = async_nats::ConnectOptions::new()
@@ -110,7 +149,8 @@ impl NatsTransport {
             client,
             context: RwLock::new(Some(Arc::new(context))),
             config,
-            provisioned: RwLock::new(HashSet::new()),
+            provisioned: RwLock::new(HashMap::new()),
+            round_robin: AtomicU32::new(0),
             closed: AtomicBool::new(false),
             disconnected,
         })
@@ -131,20 +171,24 @@ impl NatsTransport {
         stream_name(&self.config.stream.name_prefix, topic)
     }
 
-    /// Creates the topic's stream, or checks that the existing one captures the topic's
-    /// subject with our storage; limits that differ are logged, not changed.
-    pub async fn provision_topic(&self, topic: &str) -> Result<(), TransportError> {
-        if self
-            .provisioned
+    /// The partition count of `topic`, once its stream is provisioned.
+    fn partitions_of(&self, topic: &str) -> Option<u16> {
+        self.provisioned
             .read()
-            .map(|p| p.contains(topic))
-            .unwrap_or(false)
-        {
-            return Ok(());
+            .ok()
+            .and_then(|p| p.get(topic).copied())
+    }
+
+    /// Creates the topic's stream, or checks that the existing one captures the topic's
+    /// partition subjects with our storage; limits that differ are logged, not changed.
+    /// Returns the topic's partition count: the stream's, recorded in its metadata.
+    pub async fn provision_topic(&self, topic: &str) -> Result<u16, TransportError> {
+        if let Some(p) = self.partitions_of(topic) {
+            return Ok(p);
         }
         let s = &self.config.stream;
         let name = self.stream_name(topic);
-        let subj = subject(topic).to_string();
+        let subj = stream_subjects(topic);
         let storage = match s.storage {
             Storage::File => stream::StorageType::File,
             Storage::Memory => stream::StorageType::Memory,
@@ -160,6 +204,7 @@ impl NatsTransport {
             num_replicas: s.replicas,
             retention: stream::RetentionPolicy::Limits,
             discard: stream::DiscardPolicy::Old,
+            metadata: HashMap::from([(PARTITIONS_METADATA.to_string(), s.partitions.to_string())]),
             ..Default::default()
         };
         let stream = self
@@ -174,7 +219,7 @@ impl NatsTransport {
         let have = &stream.cached_info().config;
         if !have.subjects.iter().any(|x| x == &subj) {
             return Err(TransportError::Provisioning(format!(
-                "stream {name} exists with subjects {:?}, not {subj:?} (another topic maps to the same stream name?)",
+                "stream {name} exists with subjects {:?}, not {subj:?} (made by another topic with the same stream name, or by eventbus before partitions: see docs/nats.md)",
                 have.subjects
             ).into()));
         }
@@ -196,6 +241,22 @@ impl NatsTransport {
                 .into(),
             ));
         }
+        let partitions = match have.metadata.get(PARTITIONS_METADATA) {
+            None => s.partitions,
+            Some(v) => match v.parse::<u16>() {
+                Ok(p) if p > 0 => p,
+                _ => {
+                    return Err(TransportError::Provisioning(
+                        format!("stream {name} records {v:?} partitions, not a number from 1")
+                            .into(),
+                    ))
+                }
+            },
+        };
+        if partitions != s.partitions {
+            tracing::warn!(stream = %name, partitions, configured = s.partitions,
+                "the stream has another partition count than configured; keeping the stream's");
+        }
         if have.max_bytes != wanted.max_bytes
             || have.max_messages != wanted.max_messages
             || have.duplicate_window != wanted.duplicate_window
@@ -203,9 +264,51 @@ impl NatsTransport {
             tracing::warn!(stream = %name, "existing stream limits differ from the configuration; keeping the server's");
         }
         if let Ok(mut p) = self.provisioned.write() {
-            p.insert(topic.to_string());
+            p.insert(topic.to_string(), partitions);
         }
-        Ok(())
+        Ok(partitions)
+    }
+
+    /// The key-value bucket where the groups of `topic` keep membership and leases, created
+    /// with the configured lease time as its age limit if it does not exist. Returns it with
+    /// the lease time in force: the bucket's.
+    pub(crate) async fn group_store(
+        &self,
+        topic: &str,
+    ) -> Result<(kv::Store, std::time::Duration), TransportError> {
+        let js = self.jetstream()?;
+        let bucket = group_bucket(&self.stream_name(topic));
+        let failed =
+            |e: String| TransportError::Provisioning(format!("group bucket {bucket}: {e}").into());
+        let store = match js.get_key_value(&bucket).await {
+            Ok(store) => store,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: bucket.clone(),
+                    history: 1,
+                    max_age: self.config.group.lease_ttl,
+                    storage: stream::StorageType::File,
+                    num_replicas: self.config.stream.replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| failed(e.to_string()))?,
+        };
+        let ttl = store
+            .status()
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .max_age();
+        if ttl.is_zero() {
+            return Err(failed(
+                "exists without an age limit, so leases would never lapse".into(),
+            ));
+        }
+        if ttl != self.config.group.lease_ttl {
+            tracing::warn!(%bucket, lease_ttl = ?ttl, configured = ?self.config.group.lease_ttl,
+                "the group bucket has another lease time than configured; keeping the bucket's");
+        }
+        Ok((store, ttl))
     }
 }
 
@@ -263,9 +366,8 @@ impl Transport for NatsTransport {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            // Work sharing inside a group is a shared pull consumer: order across instances is
-            // not guaranteed until the partitioned scale-out work lands.
-            partitioned_groups: false,
+            // Partitions of a topic are leased to one instance of a group at a time.
+            partitioned_groups: true,
             native_compression: false,
             publish_dedup: true,
         }
@@ -275,18 +377,24 @@ impl Transport for NatsTransport {
         if self.closed.load(Ordering::Acquire) {
             return Err(TransportError::Closed);
         }
-        self.provision_topic(&message.topic).await?;
+        let partitions = self.provision_topic(&message.topic).await?;
         let OutgoingMessage {
             topic,
             event_id,
+            key,
             headers,
             payload,
-            ..
         } = message;
+        let partition = match &key {
+            Some(k) => partition_for(k.as_bytes(), u32::from(partitions)),
+            None => self.round_robin.fetch_add(1, Ordering::Relaxed) % u32::from(partitions),
+        };
+        // Below `partitions`, which is a u16.
+        let subject = partition_subject(&topic, u16::try_from(partition).unwrap_or(0));
         let context = self.jetstream()?;
         let first = context
             .send_publish(
-                subject(&topic).to_string(),
+                subject.clone(),
                 nats_message(&headers, &payload, &event_id)?,
             )
             .await
@@ -295,7 +403,7 @@ impl Transport for NatsTransport {
             first.into_future(),
             Republish {
                 context,
-                topic,
+                subject,
                 event_id,
                 headers,
                 payload,
@@ -309,7 +417,7 @@ impl Transport for NatsTransport {
             return Err(TransportError::Closed);
         }
         let created = match self.provision_topic(&spec.topic).await {
-            Ok(()) => NatsSubscription::create(self, spec).await,
+            Ok(partitions) => NatsSubscription::create(self, spec, partitions).await,
             Err(e) => Err(e),
         };
         // A close() during the round trips fails them with a connection error: say Closed.

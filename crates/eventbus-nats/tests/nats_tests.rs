@@ -89,7 +89,11 @@ async fn provisioning_defaults_are_visible_in_stream_and_consumer_info() {
         .await
         .expect("stream");
     let cfg = stream.info().await.expect("info").config.clone();
-    assert_eq!(cfg.subjects, vec![topic.clone()]);
+    assert_eq!(cfg.subjects, vec![format!("{topic}.*")]);
+    assert_eq!(
+        cfg.metadata.get("eventbus.partitions").map(String::as_str),
+        Some("16")
+    );
     assert_eq!(
         cfg.storage,
         async_nats::jetstream::stream::StorageType::File
@@ -98,9 +102,9 @@ async fn provisioning_defaults_are_visible_in_stream_and_consumer_info() {
     assert_eq!(cfg.max_messages, 1_000_000);
     assert_eq!(cfg.duplicate_window, Duration::from_secs(120));
     let mut consumer: async_nats::jetstream::consumer::PullConsumer =
-        stream.get_consumer("billing").await.expect("consumer");
+        stream.get_consumer("billing-p3").await.expect("consumer");
     let c = consumer.info().await.expect("consumer info").config.clone();
-    assert_eq!(c.durable_name.as_deref(), Some("billing"));
+    assert_eq!(c.durable_name.as_deref(), Some("billing-p3"));
     assert_eq!(
         c.ack_policy,
         async_nats::jetstream::consumer::AckPolicy::Explicit
@@ -108,7 +112,7 @@ async fn provisioning_defaults_are_visible_in_stream_and_consumer_info() {
     assert_eq!(c.ack_wait, Duration::from_secs(30));
     assert_eq!(c.max_ack_pending, 10_000);
     assert_eq!(c.max_waiting, 1_000);
-    assert_eq!(c.filter_subject, topic);
+    assert_eq!(c.filter_subject, format!("{topic}.3"));
     bus.close().await.expect("close");
 }
 
@@ -116,13 +120,13 @@ async fn provisioning_defaults_are_visible_in_stream_and_consumer_info() {
 async fn conflicting_stream_is_a_provisioning_error() {
     let bus = bus().await;
     let topic = unique("nats-conflict");
-    // Someone else's stream already captures the subject under another name.
+    // Someone else's stream already captures the topic's partitions under another name.
     bus.transport()
         .jetstream()
         .expect("open transport")
         .create_stream(async_nats::jetstream::stream::Config {
             name: format!("OTHER_{}", topic.replace('-', "_")),
-            subjects: vec![format!("{topic}")],
+            subjects: vec![format!("{topic}.>")],
             ..Default::default()
         })
         .await
@@ -130,6 +134,30 @@ async fn conflicting_stream_is_a_provisioning_error() {
     let err = bus.publish(&topic, &b"x"[..]).await.expect_err("must fail");
     assert!(
         matches!(err, BusError::Transport(TransportError::Provisioning(_))),
+        "{err:?}"
+    );
+    bus.close().await.expect("close");
+}
+
+/// A stream made by eventbus before topics had partitions (it captures the topic's own
+/// subject) is reported with what to do, not reused with the wrong layout.
+#[tokio::test]
+async fn a_stream_without_partitions_is_a_clear_provisioning_error() {
+    let bus = bus().await;
+    let topic = unique("nats-legacy");
+    bus.transport()
+        .jetstream()
+        .expect("open transport")
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: bus.transport().stream_name(&topic),
+            subjects: vec![topic.clone()],
+            ..Default::default()
+        })
+        .await
+        .expect("create the old layout's stream");
+    let err = bus.publish(&topic, &b"x"[..]).await.expect_err("must fail");
+    assert!(
+        matches!(&err, BusError::Transport(TransportError::Provisioning(d)) if d.to_string().contains("docs/nats.md")),
         "{err:?}"
     );
     bus.close().await.expect("close");
@@ -454,7 +482,10 @@ impl Unanswered {
             .config
             .clone();
         js.delete_stream(&name).await.expect("delete stream");
-        let sniffer = raw.subscribe(topic.clone()).await.expect("subscribe");
+        let sniffer = raw
+            .subscribe(format!("{topic}.*"))
+            .await
+            .expect("subscribe");
         // `flush` only writes the SUB out; a round trip on the same connection proves the
         // server registered it (it reads a connection in order). Without it the bus's publish
         // can arrive first and be answered "no responders" instead of going unanswered.

@@ -1,0 +1,382 @@
+//! The coordinator task of one subscription: membership, leases, consumers, rebalancing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
+use async_nats::jetstream::kv::{self, CreateErrorKind, UpdateErrorKind};
+use async_nats::jetstream::stream::Stream;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+
+use super::assignment::owned_partitions;
+use super::{Membership, Owned, PartitionLoad};
+use crate::naming::{consumer_name, lease_key, member_key, member_prefix, partition_subject};
+use eventbus_core::TransportError;
+
+/// What a subscription's coordinator works with.
+pub(crate) struct GroupSpec {
+    pub(crate) topic: String,
+    pub(crate) group: String,
+    pub(crate) instance: String,
+    pub(crate) partitions: u16,
+    pub(crate) heartbeat: Duration,
+    pub(crate) lease_ttl: Duration,
+    /// Every partition consumer's settings; name, filter and start are set per partition.
+    pub(crate) consumer: pull::Config,
+}
+
+/// A lease this instance holds.
+struct Lease {
+    revision: u64,
+    /// Past this instant the lease may have lapsed on the server: stop pulling before it.
+    valid_until: Instant,
+    /// Being given up: no longer pulled, released once its deliveries are settled.
+    revoking: bool,
+    owned: Owned,
+}
+
+struct Coordinator {
+    spec: GroupSpec,
+    kv: kv::Store,
+    stream: Stream,
+    load: Arc<PartitionLoad>,
+    pulling: Arc<Mutex<BTreeSet<u16>>>,
+    assignment: watch::Sender<Arc<Vec<Owned>>>,
+    held: BTreeMap<u16, Lease>,
+    members: Vec<String>,
+    epoch: u64,
+}
+
+/// Joins `spec.group` on `stream` with the bucket `kv`: announces this instance and takes the
+/// partitions that are free and its own, then leaves the rest to the coordinator task.
+pub(crate) async fn join(spec: GroupSpec, kv: kv::Store, stream: Stream) -> Membership {
+    let load = Arc::new(PartitionLoad::new(spec.partitions));
+    let pulling = Arc::new(Mutex::new(BTreeSet::new()));
+    let (assignment, receiver) = watch::channel(Arc::new(Vec::new()));
+    let (stop, stopped) = oneshot::channel();
+    let leave_within = spec.lease_ttl;
+    let mut coordinator = Coordinator {
+        spec,
+        kv,
+        stream,
+        load: load.clone(),
+        pulling: pulling.clone(),
+        assignment,
+        held: BTreeMap::new(),
+        members: Vec::new(),
+        epoch: 0,
+    };
+    coordinator.tick().await;
+    let task = tokio::spawn(coordinator.run(stopped));
+    Membership {
+        assignment: receiver,
+        load,
+        pulling,
+        stop: Some(stop),
+        task: Some(task),
+        leave_within,
+    }
+}
+
+fn provisioning(text: String) -> TransportError {
+    TransportError::Provisioning(text.into())
+}
+
+impl Coordinator {
+    async fn run(mut self, mut stopped: oneshot::Receiver<()>) {
+        // The first tick ran in `join`.
+        let start = Instant::now() + self.spec.heartbeat;
+        let mut ticks = tokio::time::interval_at(start, self.spec.heartbeat);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = &mut stopped => break,
+                _ = ticks.tick() => self.tick().await,
+            }
+        }
+        self.leave().await;
+    }
+
+    async fn tick(&mut self) {
+        self.announce().await;
+        self.renew().await;
+        let mine = owned_partitions(&self.members, &self.spec.instance, self.spec.partitions);
+        for (p, lease) in self.held.iter_mut() {
+            if !mine.contains(p) && !lease.revoking {
+                tracing::debug!(group = %self.spec.group, partition = p, "giving the partition up");
+                lease.revoking = true;
+            }
+        }
+        self.publish();
+        self.release_finished().await;
+        // Taking partitions stops when the heartbeat is spent, so the next renewal is on time.
+        let budget = Instant::now() + self.spec.heartbeat;
+        for p in mine {
+            if Instant::now() >= budget {
+                break;
+            }
+            if !self.held.contains_key(&p) {
+                self.acquire(p).await;
+                self.publish();
+            }
+        }
+    }
+
+    /// Renews this instance's membership entry and reads the group's members.
+    async fn announce(&mut self) {
+        let me = &self.spec.instance;
+        let put = self
+            .kv
+            .put(member_key(&self.spec.group, me), Bytes::from(me.clone()));
+        match tokio::time::timeout(self.spec.heartbeat, put).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(group = %self.spec.group, error = %e, "cannot renew group membership");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(group = %self.spec.group, "renewing group membership timed out");
+                return;
+            }
+        }
+        let prefix = member_prefix(&self.spec.group);
+        let list = async {
+            let mut members = Vec::new();
+            let mut keys = self.kv.keys().await.map_err(|e| e.to_string())?;
+            while let Some(key) = keys.next().await {
+                let key = key.map_err(|e| e.to_string())?;
+                if let Some(id) = key.strip_prefix(&prefix) {
+                    members.push(id.to_string());
+                }
+            }
+            Ok::<_, String>(members)
+        };
+        match tokio::time::timeout(self.spec.heartbeat, list).await {
+            Ok(Ok(members)) => self.members = members,
+            Ok(Err(e)) => tracing::debug!(error = %e, "listing group members"),
+            Err(_) => tracing::debug!("listing group members timed out"),
+        }
+    }
+
+    /// Renews every lease held, all at once and each within a heartbeat; a lease taken over,
+    /// or one not renewed in time, is dropped at once.
+    async fn renew(&mut self) {
+        let sent = Instant::now();
+        let value = Bytes::from(self.spec.instance.clone());
+        let (kv, group, heartbeat) = (&self.kv, &self.spec.group, self.spec.heartbeat);
+        let renewals = self.held.iter().map(|(p, lease)| {
+            let key = lease_key(group, *p);
+            let (value, revision, p) = (value.clone(), lease.revision, *p);
+            async move {
+                let update = kv.update(&key, value, revision);
+                (p, tokio::time::timeout(heartbeat, update).await)
+            }
+        });
+        let results = futures_util::future::join_all(renewals).await;
+        let now = Instant::now();
+        for (p, result) in results {
+            let Some(lease) = self.held.get_mut(&p) else {
+                continue;
+            };
+            let lost = match result {
+                Ok(Ok(revision)) => {
+                    lease.revision = revision;
+                    lease.valid_until = sent + self.spec.lease_ttl - self.spec.heartbeat;
+                    false
+                }
+                Ok(Err(e)) if e.kind() == UpdateErrorKind::WrongLastRevision => true,
+                Ok(Err(e)) => {
+                    tracing::warn!(group = %self.spec.group, partition = p, error = %e, "cannot renew a partition lease");
+                    now >= lease.valid_until
+                }
+                Err(_) => {
+                    tracing::warn!(group = %self.spec.group, partition = p, "renewing a partition lease timed out");
+                    now >= lease.valid_until
+                }
+            };
+            if lost {
+                tracing::warn!(group = %self.spec.group, partition = p,
+                    "partition lease lost (lapsed or taken over): no longer pulling it");
+                self.held.remove(&p);
+            }
+        }
+    }
+
+    /// Tells the fetcher what to pull: held leases not being given up.
+    fn publish(&self) {
+        let owned: Vec<Owned> = self
+            .held
+            .values()
+            .filter(|l| !l.revoking)
+            .map(|l| l.owned.clone())
+            .collect();
+        self.assignment.send_if_modified(|current| {
+            let same = current.len() == owned.len()
+                && current
+                    .iter()
+                    .zip(&owned)
+                    .all(|(a, b)| a.partition == b.partition && a.epoch == b.epoch);
+            if !same {
+                *current = Arc::new(owned);
+            }
+            !same
+        });
+    }
+
+    /// Releases the leases being given up whose partitions are no longer pulled and whose
+    /// deliveries were all settled.
+    async fn release_finished(&mut self) {
+        let pulling = self
+            .pulling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let done: Vec<u16> = self
+            .held
+            .iter()
+            .filter(|(p, l)| l.revoking && !pulling.contains(p) && self.load.get(**p) == 0)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in done {
+            if let Some(lease) = self.held.remove(&p) {
+                self.release(p, lease.revision).await;
+            }
+        }
+    }
+
+    async fn release(&self, partition: u16, revision: u64) {
+        let key = lease_key(&self.spec.group, partition);
+        let delete = self.kv.delete_expect_revision(&key, Some(revision));
+        match tokio::time::timeout(self.spec.heartbeat, delete).await {
+            Ok(Ok(())) => {
+                tracing::debug!(group = %self.spec.group, partition, "partition released")
+            }
+            Ok(Err(e)) => tracing::debug!(group = %self.spec.group, partition, error = %e,
+                "releasing a lease failed; it lapses instead"),
+            Err(_) => tracing::debug!(group = %self.spec.group, partition,
+                "releasing a lease timed out; it lapses instead"),
+        }
+    }
+
+    /// Takes `partition` if its lease is free, and readies its consumer.
+    async fn acquire(&mut self, partition: u16) {
+        let key = lease_key(&self.spec.group, partition);
+        let sent = Instant::now();
+        let create = self
+            .kv
+            .create(&key, Bytes::from(self.spec.instance.clone()));
+        let revision = match tokio::time::timeout(self.spec.heartbeat, create).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) if e.kind() == CreateErrorKind::AlreadyExists => return,
+            Ok(Err(e)) => {
+                tracing::debug!(group = %self.spec.group, partition, error = %e, "taking a lease");
+                return;
+            }
+            // Taken or not, unknown: if it was, it lapses unrenewed.
+            Err(_) => return,
+        };
+        let ready = tokio::time::timeout(self.spec.heartbeat, self.ready_consumer(partition));
+        match ready
+            .await
+            .unwrap_or_else(|_| Err(TransportError::Timeout("readying the consumer".into())))
+        {
+            Ok(consumer) => {
+                self.epoch += 1;
+                tracing::debug!(group = %self.spec.group, partition, "partition taken");
+                self.held.insert(
+                    partition,
+                    Lease {
+                        revision,
+                        valid_until: sent + self.spec.lease_ttl - self.spec.heartbeat,
+                        revoking: false,
+                        owned: Owned {
+                            partition,
+                            epoch: self.epoch,
+                            consumer,
+                        },
+                    },
+                );
+            }
+            Err(e) => {
+                tracing::warn!(group = %self.spec.group, partition, error = %e, "cannot ready the partition's consumer");
+                self.release(partition, revision).await;
+            }
+        }
+    }
+
+    /// The partition's consumer, ready for its new owner. When the previous owner left
+    /// deliveries unsettled (it crashed or lost its lease), the consumer is recreated from its
+    /// ack floor: those messages come again, in order, before anything newer, instead of after
+    /// the ack wait behind later events of their aggregates.
+    async fn ready_consumer(&self, partition: u16) -> Result<PullConsumer, TransportError> {
+        let name = consumer_name(&self.spec.group, partition);
+        let filter = partition_subject(&self.spec.topic, partition);
+        let start = match self.stream.consumer_info(&name).await {
+            Ok(info) => {
+                let have = &info.config;
+                if have.ack_policy != AckPolicy::Explicit {
+                    return Err(provisioning(format!(
+                        "consumer {name} exists with ack policy {:?}; eventbus needs explicit acks",
+                        have.ack_policy
+                    )));
+                }
+                if have.filter_subject != filter {
+                    return Err(provisioning(format!(
+                        "consumer {name} filters {:?}, not {filter:?}",
+                        have.filter_subject
+                    )));
+                }
+                if info.num_ack_pending == 0 {
+                    return self
+                        .stream
+                        .get_consumer(&name)
+                        .await
+                        .map_err(|e| provisioning(format!("consumer {name}: {e}")));
+                }
+                let from = info.ack_floor.stream_sequence + 1;
+                tracing::info!(group = %self.spec.group, partition, unsettled = info.num_ack_pending, from,
+                    "restarting the partition's consumer at its ack floor");
+                self.stream
+                    .delete_consumer(&name)
+                    .await
+                    .map_err(|e| provisioning(format!("consumer {name}: {e}")))?;
+                DeliverPolicy::ByStartSequence {
+                    start_sequence: from,
+                }
+            }
+            Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => DeliverPolicy::All,
+            Err(e) => return Err(provisioning(format!("consumer {name}: {e}"))),
+        };
+        let config = pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject: filter,
+            deliver_policy: start,
+            ..self.spec.consumer.clone()
+        };
+        self.stream
+            .create_consumer(config)
+            .await
+            .map_err(|e| provisioning(format!("consumer {name}: {e}")))
+    }
+
+    /// Gives every partition up and leaves the membership list.
+    async fn leave(&mut self) {
+        self.assignment.send_replace(Arc::new(Vec::new()));
+        let held = std::mem::take(&mut self.held);
+        futures_util::future::join_all(held.iter().map(|(p, l)| self.release(*p, l.revision)))
+            .await;
+        let key = member_key(&self.spec.group, &self.spec.instance);
+        let delete = self.kv.delete(&key);
+        if !matches!(
+            tokio::time::timeout(self.spec.heartbeat, delete).await,
+            Ok(Ok(()))
+        ) {
+            tracing::debug!(group = %self.spec.group, "leaving the member list failed; the entry lapses instead");
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! Partitioned consumer groups: which instance of a group consumes which partition of a topic.
+//!
+//! Every partition of a topic has, per group, a durable pull consumer filtering that
+//! partition's subject. At most one live instance of the group pulls from it: the one holding
+//! the partition's lease, a key in a JetStream key-value bucket beside the topic's stream
+//! (create-if-absent to take it, compare-and-set on its revision to renew it, the bucket's age
+//! limit to let an abandoned one lapse). Instances announce themselves in the same bucket;
+//! each one computes the same round-robin assignment from the member list and takes the
+//! partitions assigned to it as their leases become free. An instance giving a partition up
+//! first stops pulling it, then waits until every delivery of it was settled, then deletes
+//! the lease, so the new owner starts after the old one finished. The new owner restarts the
+//! consumer at its ack floor when deliveries were left unsettled (a crashed owner), so they
+//! come again before anything newer and the aggregate's order holds.
+//!
+//! One coordinator task per subscription does the bookkeeping; the subscription's fetcher pulls
+//! from the partitions the coordinator hands it (see [`Membership`]).
+
+mod assignment;
+mod coordinator;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::PullConsumer;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+pub(crate) use coordinator::{join, GroupSpec};
+
+/// Deliveries handed to the dispatcher and not settled yet, per partition.
+pub(crate) struct PartitionLoad {
+    out: Box<[AtomicUsize]>,
+}
+
+impl PartitionLoad {
+    fn new(partitions: u16) -> Self {
+        Self {
+            out: (0..partitions).map(|_| AtomicUsize::new(0)).collect(),
+        }
+    }
+
+    fn get(&self, partition: u16) -> usize {
+        self.out
+            .get(usize::from(partition))
+            .map_or(0, |n| n.load(Ordering::Acquire))
+    }
+}
+
+/// Counts one delivery of a partition as out until it is dropped (settled or abandoned).
+pub(crate) struct LoadGuard {
+    load: Arc<PartitionLoad>,
+    partition: u16,
+}
+
+impl LoadGuard {
+    pub(crate) fn new(load: &Arc<PartitionLoad>, partition: u16) -> Self {
+        if let Some(n) = load.out.get(usize::from(partition)) {
+            n.fetch_add(1, Ordering::AcqRel);
+        }
+        Self {
+            load: load.clone(),
+            partition,
+        }
+    }
+}
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        if let Some(n) = self.load.out.get(usize::from(self.partition)) {
+            n.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// A partition this instance owns, with the consumer to pull it from. `epoch` changes each
+/// time the partition is taken, so a fetcher never keeps pulling through an older consumer.
+#[derive(Clone)]
+pub(crate) struct Owned {
+    pub(crate) partition: u16,
+    pub(crate) epoch: u64,
+    pub(crate) consumer: PullConsumer,
+}
+
+/// The subscription's side of its group membership.
+pub(crate) struct Membership {
+    /// The partitions to pull now; changes wake the fetcher.
+    pub(crate) assignment: watch::Receiver<Arc<Vec<Owned>>>,
+    pub(crate) load: Arc<PartitionLoad>,
+    /// What the fetcher pulls from now; a partition given up leaves the group only after the
+    /// fetcher dropped it from here and its load fell to zero.
+    pulling: Arc<Mutex<BTreeSet<u16>>>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+    /// Bound on waiting for the coordinator to leave.
+    leave_within: Duration,
+}
+
+impl Membership {
+    /// Records the partitions the fetcher pulls from.
+    pub(crate) fn set_pulling(&self, partitions: impl Iterator<Item = u16>) {
+        let mut p = self.pulling.lock().unwrap_or_else(|e| e.into_inner());
+        p.clear();
+        p.extend(partitions);
+    }
+
+    /// Leaves the group: releases every lease and the membership entry, so other instances
+    /// take the partitions at their next heartbeat rather than after the lease time.
+    pub(crate) async fn leave(mut self) {
+        self.set_pulling(std::iter::empty());
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            if tokio::time::timeout(self.leave_within, task).await.is_err() {
+                tracing::warn!(
+                    "leaving the consumer group took too long; its leases lapse instead"
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        // Dropping the stop sender tells the coordinator to leave; it releases on its own.
+        self.stop.take();
+    }
+}
