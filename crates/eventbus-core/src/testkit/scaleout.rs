@@ -20,6 +20,7 @@ struct LedgerState {
     last_version: HashMap<String, i64>,
     seen: HashSet<String>,
     per_instance: HashMap<u8, usize>,
+    forgotten: HashSet<u8>,
     overlaps: usize,
     order_violations: usize,
     duplicates: usize,
@@ -38,6 +39,8 @@ pub struct LedgerCounts {
     pub duplicates: usize,
     /// Distinct instances that handled something.
     pub instances: usize,
+    /// Events handled per instance.
+    pub per_instance: Vec<(u8, usize)>,
 }
 
 impl GroupLedger {
@@ -47,30 +50,52 @@ impl GroupLedger {
 
     /// A handling of `e` by `instance` begins.
     pub fn enter(&self, instance: u8, e: &Envelope) {
-        let mut s = self.lock();
-        if s.active.insert(e.aggregate_id.clone(), instance).is_some() {
-            s.overlaps += 1;
-        }
+        self.begin(instance, &e.aggregate_id);
     }
 
     /// The handling of `e` by `instance` ends.
     pub fn leave(&self, instance: u8, e: &Envelope) {
+        self.end(instance, &e.event_id, &e.aggregate_id, e.event_version);
+    }
+
+    /// A handling of an event of `aggregate` by `instance` begins (for records that come from
+    /// another process). Ignored for a forgotten instance.
+    pub fn begin(&self, instance: u8, aggregate: &str) {
+        let mut s = self.lock();
+        if s.forgotten.contains(&instance) {
+            return;
+        }
+        if s.active.insert(aggregate.to_string(), instance).is_some() {
+            s.overlaps += 1;
+        }
+    }
+
+    /// The handling of event `event_id` (`aggregate`, `version`) by `instance` ends.
+    pub fn end(&self, instance: u8, event_id: &str, aggregate: &str, version: i64) {
         {
             let mut s = self.lock();
-            s.active.remove(&e.aggregate_id);
+            if s.active.get(aggregate) == Some(&instance) {
+                s.active.remove(aggregate);
+            }
             *s.per_instance.entry(instance).or_default() += 1;
-            if !s.seen.insert(e.event_id.clone()) {
+            if !s.seen.insert(event_id.to_string()) {
                 s.duplicates += 1;
             } else {
-                let prev = s
-                    .last_version
-                    .insert(e.aggregate_id.clone(), e.event_version);
-                if prev.is_some_and(|p| e.event_version <= p) {
+                let prev = s.last_version.insert(aggregate.to_string(), version);
+                if prev.is_some_and(|p| version <= p) {
                     s.order_violations += 1;
                 }
             }
         }
         self.changed.notify_waiters();
+    }
+
+    /// `instance` is dead (its process was killed): what it was handling ends without an
+    /// end, and a begin of it still in transit is not counted.
+    pub fn forget(&self, instance: u8) {
+        let mut s = self.lock();
+        s.forgotten.insert(instance);
+        s.active.retain(|_, i| *i != instance);
     }
 
     /// The counts so far.
@@ -82,6 +107,12 @@ impl GroupLedger {
             order_violations: s.order_violations,
             duplicates: s.duplicates,
             instances: s.per_instance.values().filter(|n| **n > 0).count(),
+            per_instance: {
+                let mut v: Vec<(u8, usize)> =
+                    s.per_instance.iter().map(|(i, n)| (*i, *n)).collect();
+                v.sort_unstable();
+                v
+            },
         }
     }
 
