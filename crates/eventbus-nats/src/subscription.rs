@@ -54,7 +54,8 @@ impl NatsSubscription {
             .map_err(|e| {
                 TransportError::Provisioning(format!("stream {stream_name}: {e}").into())
             })?;
-        let (store, lease_ttl) = transport.group_store(&spec.topic).await?;
+        let bucket = transport.group_bucket(&spec.topic).await?;
+        let lease_ttl = bucket.lease_ttl;
         let config = &transport.config;
         let c = &config.consumer;
         let consumer = pull::Config {
@@ -81,7 +82,7 @@ impl NatsSubscription {
                 lease_ttl,
                 consumer,
             },
-            store,
+            bucket,
             stream,
         )
         .await;

@@ -18,6 +18,7 @@ use eventbus_core::{
 
 use crate::ack::{publish_error, NatsAck, Republish};
 use crate::config::{Auth, NatsConfig, Storage};
+use crate::group::GroupBucket;
 use crate::naming::{
     group_bucket, partition_subject, stream_name, stream_subjects, PARTITIONS_METADATA,
 };
@@ -270,12 +271,9 @@ impl NatsTransport {
     }
 
     /// The key-value bucket where the groups of `topic` keep membership and leases, created
-    /// with the configured lease time as its age limit if it does not exist. Returns it with
-    /// the lease time in force: the bucket's.
-    pub(crate) async fn group_store(
-        &self,
-        topic: &str,
-    ) -> Result<(kv::Store, std::time::Duration), TransportError> {
+    /// with the configured lease time as its age limit if it does not exist. The lease time in
+    /// force is the bucket's.
+    pub(crate) async fn group_bucket(&self, topic: &str) -> Result<GroupBucket, TransportError> {
         let js = self.jetstream()?;
         let bucket = group_bucket(&self.stream_name(topic));
         let failed =
@@ -294,11 +292,11 @@ impl NatsTransport {
                 .await
                 .map_err(|e| failed(e.to_string()))?,
         };
-        let ttl = store
-            .status()
+        let stream = js
+            .get_stream(format!("KV_{bucket}"))
             .await
-            .map_err(|e| failed(e.to_string()))?
-            .max_age();
+            .map_err(|e| failed(e.to_string()))?;
+        let ttl = stream.cached_info().config.max_age;
         if ttl.is_zero() {
             return Err(failed(
                 "exists without an age limit, so leases would never lapse".into(),
@@ -308,7 +306,12 @@ impl NatsTransport {
             tracing::warn!(%bucket, lease_ttl = ?ttl, configured = ?self.config.group.lease_ttl,
                 "the group bucket has another lease time than configured; keeping the bucket's");
         }
-        Ok((store, ttl))
+        Ok(GroupBucket {
+            name: bucket,
+            store,
+            stream,
+            lease_ttl: ttl,
+        })
     }
 }
 

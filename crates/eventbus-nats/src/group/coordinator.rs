@@ -30,6 +30,16 @@ pub(crate) struct GroupSpec {
     pub(crate) consumer: pull::Config,
 }
 
+/// The key-value bucket of a topic's groups.
+pub(crate) struct GroupBucket {
+    pub(crate) name: String,
+    pub(crate) store: kv::Store,
+    /// The stream under the bucket.
+    pub(crate) stream: Stream,
+    /// Its age limit: the lease time in force.
+    pub(crate) lease_ttl: Duration,
+}
+
 /// A lease this instance holds.
 struct Lease {
     revision: u64,
@@ -43,6 +53,10 @@ struct Lease {
 struct Coordinator {
     spec: GroupSpec,
     kv: kv::Store,
+    /// The bucket's name and its stream, for listing and purging member subjects.
+    bucket: String,
+    bucket_stream: Stream,
+    /// The topic's stream, for the partition consumers.
     stream: Stream,
     load: Arc<PartitionLoad>,
     pulling: Arc<Mutex<BTreeSet<u16>>>,
@@ -54,7 +68,7 @@ struct Coordinator {
 
 /// Joins `spec.group` on `stream` with the bucket `kv`: announces this instance and takes the
 /// partitions that are free and its own, then leaves the rest to the coordinator task.
-pub(crate) async fn join(spec: GroupSpec, kv: kv::Store, stream: Stream) -> Membership {
+pub(crate) async fn join(spec: GroupSpec, bucket: GroupBucket, stream: Stream) -> Membership {
     let load = Arc::new(PartitionLoad::new(spec.partitions));
     let pulling = Arc::new(Mutex::new(BTreeSet::new()));
     let (assignment, receiver) = watch::channel(Arc::new(Vec::new()));
@@ -62,7 +76,9 @@ pub(crate) async fn join(spec: GroupSpec, kv: kv::Store, stream: Stream) -> Memb
     let leave_within = spec.lease_ttl;
     let mut coordinator = Coordinator {
         spec,
-        kv,
+        kv: bucket.store,
+        bucket: bucket.name,
+        bucket_stream: bucket.stream,
         stream,
         load: load.clone(),
         pulling: pulling.clone(),
@@ -144,13 +160,19 @@ impl Coordinator {
                 return;
             }
         }
-        let prefix = member_prefix(&self.spec.group);
+        // The member subjects present, read from the bucket's stream info: one request, no
+        // consumer. A member that left purged its subject; one that died lapses with it.
+        let prefix = format!("$KV.{}.{}", self.bucket, member_prefix(&self.spec.group));
         let list = async {
             let mut members = Vec::new();
-            let mut keys = self.kv.keys().await.map_err(|e| e.to_string())?;
-            while let Some(key) = keys.next().await {
-                let key = key.map_err(|e| e.to_string())?;
-                if let Some(id) = key.strip_prefix(&prefix) {
+            let mut subjects = self
+                .bucket_stream
+                .info_with_subjects(format!("{prefix}>"))
+                .await
+                .map_err(|e| e.to_string())?;
+            while let Some(subject) = subjects.next().await {
+                let (subject, _) = subject.map_err(|e| e.to_string())?;
+                if let Some(id) = subject.strip_prefix(&prefix) {
                     members.push(id.to_string());
                 }
             }

@@ -27,7 +27,7 @@ use async_nats::jetstream::consumer::PullConsumer;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
-pub(crate) use coordinator::{join, GroupSpec};
+pub(crate) use coordinator::{join, GroupBucket, GroupSpec};
 
 /// Deliveries handed to the dispatcher and not settled yet, per partition.
 pub(crate) struct PartitionLoad {
