@@ -81,6 +81,12 @@ struct Args {
     /// Global workers of the bus dispatcher (default 2 × cores).
     #[arg(long)]
     global_workers: Option<usize>,
+    /// Bus instances consuming in one group, comma-separated (e.g. `1,2,3`): each count is a
+    /// scenario of its own (named `<level>/<n>i` when more than one count is given). Each
+    /// instance has its own connection and dispatcher in this process; raw baselines always
+    /// run one consumer.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    instances: Vec<usize>,
     /// Publisher tasks (each owns a slice of the aggregates and publishes their versions in order).
     #[arg(long, default_value_t = 8)]
     publishers: usize,
@@ -205,6 +211,7 @@ fn main() -> ExitCode {
         dedup_window: args.dedup_window,
         publishers_per_topic: None,
         period: None,
+        instances: 1,
     };
     // What to run: the seed levels, or the workload files (each with its own knobs).
     let mut scenarios: Vec<(Shape, Knobs, Option<omb::Workload>)> = Vec::new();
@@ -242,6 +249,24 @@ fn main() -> ExitCode {
             };
             scenarios.push((w.shape(duration), k, Some(w)));
         }
+    }
+    // One scenario per instance count.
+    let counts: Vec<usize> = args.instances.iter().map(|n| (*n).max(1)).collect();
+    if counts != [1] {
+        scenarios = scenarios
+            .into_iter()
+            .flat_map(|(shape, k, w)| {
+                counts.iter().map(move |n| {
+                    let mut shape = shape.clone();
+                    shape.name = format!("{}/{n}i", shape.name);
+                    let k = Knobs {
+                        instances: *n,
+                        ..k.clone()
+                    };
+                    (shape, k, w.clone())
+                })
+            })
+            .collect();
     }
     let mut targets = args.targets.clone();
     if targets.is_empty() {

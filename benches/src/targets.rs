@@ -14,6 +14,11 @@ use crate::workload::{envelope, Checker, Level, PayloadKind, Shape};
 /// Longest a run may take before what is missing counts as lost.
 const RUN_DEADLINE: Duration = Duration::from_secs(600);
 const WARMUP_DEADLINE: Duration = Duration::from_secs(60);
+/// Aggregates of one warm-up round per topic: enough to reach every partition.
+const WARMUP_AGGREGATES: usize = 64;
+/// After every instance of a group got work, warm-up goes on this long so the group's last
+/// moves (NATS hands partitions over a few heartbeats) happen before the timed run.
+const GROUP_SETTLE: Duration = Duration::from_secs(3);
 
 /// What can be measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize)]
@@ -101,6 +106,9 @@ pub struct Knobs {
     pub publishers_per_topic: Option<usize>,
     /// Sample rates and latencies per period of this length (workload-file runs).
     pub period: Option<Duration>,
+    /// Bus instances consuming in one group (each its own connection and dispatcher, in this
+    /// process); the first one also publishes. Raw baselines always run one consumer.
+    pub instances: usize,
 }
 
 /// The open-loop schedule: message `i` of publisher `p` is due at `start + (i·P + p) / rate`,
@@ -172,6 +180,8 @@ pub struct RunResult {
     pub level: Option<Level>,
     /// The level's or the workload's name.
     pub scenario: String,
+    /// Bus instances in the consuming group (1 for raw baselines).
+    pub instances: usize,
     pub repeat: usize,
     pub messages: usize,
     pub aggregates: usize,
@@ -291,6 +301,8 @@ impl Peaks {
 pub(crate) struct Plan {
     pub(crate) shape: Shape,
     pub(crate) run_id: String,
+    /// Bus instances in the consuming group.
+    pub(crate) instances: usize,
 }
 
 impl Plan {
@@ -299,6 +311,7 @@ impl Plan {
         Self {
             shape: shape.clone(),
             run_id: id[id.len() - 8..].to_string(),
+            instances: 1,
         }
     }
 
@@ -400,6 +413,7 @@ pub(crate) fn result(
         storage: target.storage(),
         level: plan.shape.level,
         scenario: plan.shape.name.clone(),
+        instances: plan.instances,
         repeat,
         messages: n,
         aggregates: plan.shape.aggregates,
@@ -457,6 +471,7 @@ fn backend(target: Target, plan: &Plan, k: &Knobs) -> Result<BackendConfig, Stri
                 .ok_or("no NATS address (--nats-url or EVENTBUS_NATS_URL)")?;
             let mut c = eventbus::nats::NatsConfig::new(url);
             c.max_ack_inflight = k.window;
+            c.stream.partitions = u16::try_from(plan.shape.partitions.max(1)).unwrap_or(u16::MAX);
             if target == Target::NatsMem {
                 c.stream.storage = eventbus::nats::Storage::Memory;
             }
@@ -483,7 +498,10 @@ async fn run_bus(
     repeat: usize,
     k: &Knobs,
 ) -> Result<RunResult, String> {
-    let plan = Arc::new(Plan::new(shape));
+    let plan = Arc::new(Plan {
+        instances: k.instances.max(1),
+        ..Plan::new(shape)
+    });
     let n = plan.messages();
     let clock = Arc::new(SendClock::new(n));
     let acked = Arc::new(AtomicUsize::new(0));
@@ -511,39 +529,88 @@ async fn run_bus(
     let bus: EventBus = eventbus::connect(backend(target, &plan, k)?, config)
         .await
         .map_err(|e| format!("{}: {e}", target.name()))?;
+    // The other instances of the group: their own connections, no publishing.
+    let mut others: Vec<EventBus> = Vec::new();
+    for _ in 1..k.instances.max(1) {
+        let config = BusConfig::default()
+            .with_compression(k.compression())
+            .with_batch_size(k.batch)
+            .with_keyed_workers(k.keyed_workers)
+            .with_global_workers(k.global_workers);
+        others.push(
+            eventbus::connect(backend(target, &plan, k)?, config)
+                .await
+                .map_err(|e| format!("{}: {e}", target.name()))?,
+        );
+    }
     let checker = Arc::new(Checker::new(
         plan.shape.aggregates,
         plan.shape.versions,
         true,
     ));
-    let warm = Arc::new(AtomicUsize::new(0));
-    for t in 0..plan.topics() {
-        let (c, w) = (checker.clone(), warm.clone());
-        bus.subscribe_envelope(
-            &plan.topic(t),
-            &format!("bench-{}", plan.run_id),
-            move |e: Envelope| {
-                let (c, w) = (c.clone(), w.clone());
-                async move {
-                    if c.check(&e).is_err() {
-                        w.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok::<(), HandlerError>(())
-                }
-            },
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+    // Warm-up messages handled, per instance.
+    let warm: Vec<Arc<AtomicUsize>> = (0..=others.len())
+        .map(|_| Arc::new(AtomicUsize::new(0)))
+        .collect();
+    for (i, member) in std::iter::once(&bus).chain(&others).enumerate() {
+        for t in 0..plan.topics() {
+            let (c, w) = (checker.clone(), warm[i].clone());
+            member
+                .subscribe_envelope(
+                    &plan.topic(t),
+                    &format!("bench-{}", plan.run_id),
+                    move |e: Envelope| {
+                        let (c, w) = (c.clone(), w.clone());
+                        async move {
+                            if c.check(&e).is_err() {
+                                w.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok::<(), HandlerError>(())
+                        }
+                    },
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+        }
     }
-    // Warm-up: one message per topic, so stream creation and group joins are not timed.
-    for t in 0..plan.topics() {
-        let e = Envelope::new("warmup", "warmup", 1, serde_json::Value::Null);
-        bus.publish_envelope(&plan.topic(t), &e)
-            .await
-            .map_err(|e| e.to_string())?;
-    }
+    // Warm-up, so stream creation and group joins are not timed: rounds of warm-up messages
+    // on many aggregates until every instance handled some, then a settling time for the
+    // group's last moves while warm-up continues.
     let started = Instant::now();
-    while warm.load(Ordering::Relaxed) < plan.topics() {
+    let mut settled: Option<Instant> = None;
+    let mut round = 0i64;
+    loop {
+        round += 1;
+        for t in 0..plan.topics() {
+            for a in 0..WARMUP_AGGREGATES {
+                let e = Envelope::new(
+                    format!("warmup-{a}"),
+                    "warmup",
+                    round,
+                    serde_json::Value::Null,
+                );
+                bus.publish_envelope(&plan.topic(t), &e)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let everyone = warm.iter().all(|w| w.load(Ordering::Relaxed) > 0);
+        match settled {
+            None if everyone && others.is_empty() => break,
+            None if everyone => settled = Some(Instant::now() + GROUP_SETTLE),
+            Some(at) if Instant::now() >= at => break,
+            _ => {}
+        }
+        if started.elapsed() > WARMUP_DEADLINE {
+            return Err(format!(
+                "{}: warm-up messages never reached every instance",
+                target.name()
+            ));
+        }
+    }
+    let published_warmup = round as usize * plan.topics() * WARMUP_AGGREGATES;
+    while warm.iter().map(|w| w.load(Ordering::Relaxed)).sum::<usize>() < published_warmup {
         if started.elapsed() > WARMUP_DEADLINE {
             return Err(format!("{}: warm-up messages never arrived", target.name()));
         }
@@ -583,14 +650,21 @@ async fn run_bus(
         target, &plan, repeat, send, e2e, &clock, &checker, &mut peaks,
     );
     bus.close().await.map_err(|e| e.to_string())?;
+    for other in others {
+        other.close().await.map_err(|e| e.to_string())?;
+    }
     if let Some(url) = k
         .nats_url
         .as_deref()
         .filter(|_| matches!(target, Target::Nats | Target::NatsMem))
     {
+        // Each topic's stream and its groups' bucket.
         crate::raw::delete_nats_streams(
             url,
-            (0..plan.topics()).map(|t| format!("EB_{}", plan.topic(t).replace('.', "_"))),
+            (0..plan.topics()).flat_map(|t| {
+                let stream = format!("EB_{}", plan.topic(t).replace('.', "_"));
+                [format!("KV_{stream}_groups"), stream]
+            }),
         )
         .await;
     }
