@@ -244,6 +244,7 @@ fn main() -> ExitCode {
             let k = Knobs {
                 rate: Some(w.producer_rate),
                 publishers_per_topic: Some(w.producers_per_topic),
+                instances: w.consumer_per_subscription,
                 period: Some(period),
                 ..knobs.clone()
             };

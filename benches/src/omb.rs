@@ -5,7 +5,8 @@
 //!
 //! - `topics`, `producersPerTopic`, `messageSize`: as in OMB (the payload is the bus's JSON
 //!   envelope with a body of `messageSize` bytes);
-//! - `partitionsPerTopic`: Kafka topics get that many partitions; NATS has one stream per topic;
+//! - `partitionsPerTopic`: the topics get that many partitions (Kafka partitions; NATS
+//!   partition subjects of the topic's stream);
 //! - `producerRate`: the open-loop rate in msg/s for the whole run, for `testDurationMinutes`
 //!   (`--duration-secs` overrides it); the run publishes `rate × duration` messages;
 //! - `keyDistributor`: `KEY_ROUND_ROBIN` cycles through 10,000 keys as OMB does (per-key order
@@ -13,8 +14,10 @@
 //!   carry an aggregate id, so "no key" is "no two messages share one");
 //! - `payloadFile`, `useRandomizedPayloads`, `randomBytesRatio`, `randomizedPayloadPoolSize`,
 //!   `warmupDurationMinutes`, `backlogDrainRatio`: accepted and recorded, not used;
-//! - `subscriptionsPerTopic`, `consumerPerSubscription` other than 1, `consumerBacklogSizeGB`
-//!   other than 0 and `producerRate: 0` (rate probing) are refused with an error.
+//! - `consumerPerSubscription`: that many bus instances in the topic's consumer group (each its
+//!   own connection and dispatcher, in the benchmark's process; `--instances` overrides it);
+//! - `subscriptionsPerTopic` other than 1, `consumerBacklogSizeGB` other than 0 and
+//!   `producerRate: 0` (rate probing) are refused with an error.
 
 use std::path::Path;
 use std::time::Duration;
@@ -220,9 +223,8 @@ impl Workload {
             "`subscriptionsPerTopic` other than 1 is not supported yet (one consumer group per topic)",
         )?;
         need(
-            self.consumer_per_subscription == 1,
-            "`consumerPerSubscription` other than 1 is not supported yet (several instances per \
-             group need the partitioned consumer groups of issue 11)",
+            self.consumer_per_subscription >= 1,
+            "`consumerPerSubscription` must be at least 1",
         )?;
         need(
             self.producer_rate > 0.0,
@@ -432,15 +434,29 @@ testDurationMinutes: 15
         let e = Workload::parse(&format!("{OMB_16}\n  nested: 1")).expect_err("nested");
         assert!(e.contains("nested"), "{e}");
         let e = Workload::parse(
-            &OMB_16.replace("consumerPerSubscription: 1", "consumerPerSubscription: 4"),
+            &OMB_16.replace("subscriptionsPerTopic: 1", "subscriptionsPerTopic: 2"),
         )
         .expect_err("unsupported");
+        assert!(e.contains("subscriptionsPerTopic"), "{e}");
+        let e = Workload::parse(
+            &OMB_16.replace("consumerPerSubscription: 1", "consumerPerSubscription: 0"),
+        )
+        .expect_err("no consumer");
         assert!(e.contains("consumerPerSubscription"), "{e}");
         let e = Workload::parse(&OMB_16.replace("producerRate: 50000", "producerRate: 0"))
             .expect_err("probing");
         assert!(e.contains("producerRate"), "{e}");
         let e = Workload::parse(&format!("{OMB_16}\ntopics: 2")).expect_err("twice");
         assert!(e.contains("twice"), "{e}");
+    }
+
+    #[test]
+    fn consumers_per_subscription_are_the_group_s_instances() {
+        let w = Workload::parse(
+            &OMB_16.replace("consumerPerSubscription: 1", "consumerPerSubscription: 3"),
+        )
+        .expect("three consumers");
+        assert_eq!(w.consumer_per_subscription, 3);
     }
 
     #[test]

@@ -610,7 +610,12 @@ async fn run_bus(
         }
     }
     let published_warmup = round as usize * plan.topics() * WARMUP_AGGREGATES;
-    while warm.iter().map(|w| w.load(Ordering::Relaxed)).sum::<usize>() < published_warmup {
+    while warm
+        .iter()
+        .map(|w| w.load(Ordering::Relaxed))
+        .sum::<usize>()
+        < published_warmup
+    {
         if started.elapsed() > WARMUP_DEADLINE {
             return Err(format!("{}: warm-up messages never arrived", target.name()));
         }

@@ -8,7 +8,7 @@ use crate::latency::Latencies;
 
 /// Topics the aggregates of a seed level are spread over.
 pub const TOPICS: usize = 4;
-/// Kafka partitions per topic of a seed level: the bus's default.
+/// Partitions per topic of a seed level: the bus's default on both brokers.
 pub const PARTITIONS: i32 = 16;
 
 /// What one run publishes: a seed level, or an OpenMessaging workload file's shape.
@@ -22,7 +22,7 @@ pub struct Shape {
     /// Events per aggregate.
     pub versions: usize,
     pub topics: usize,
-    /// Kafka partitions per topic (NATS: one stream per topic, whatever this says).
+    /// Partitions per topic (Kafka partitions, NATS partition subjects).
     pub partitions: i32,
     /// Payload size in bytes (`None`: the `--payload-bytes` knob).
     pub payload_bytes: Option<usize>,
