@@ -392,11 +392,17 @@ impl Coordinator {
         let held = std::mem::take(&mut self.held);
         futures_util::future::join_all(held.iter().map(|(p, l)| self.release(*p, l.revision)))
             .await;
-        let key = member_key(&self.spec.group, &self.spec.instance);
-        let delete = self.kv.delete(&key);
+        // Purged, not deleted: a delete marker would keep this instance on the member list
+        // (read from the subjects present) until it lapsed.
+        let subject = format!(
+            "$KV.{}.{}",
+            self.bucket,
+            member_key(&self.spec.group, &self.spec.instance)
+        );
+        let purge = async { self.bucket_stream.purge().filter(subject).await };
         if !matches!(
-            tokio::time::timeout(self.spec.heartbeat, delete).await,
-            Ok(Ok(()))
+            tokio::time::timeout(self.spec.heartbeat, purge).await,
+            Ok(Ok(_))
         ) {
             tracing::debug!(group = %self.spec.group, "leaving the member list failed; the entry lapses instead");
         }
