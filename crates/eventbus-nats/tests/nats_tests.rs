@@ -3,17 +3,18 @@
 mod common;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{nats_url, Nats, OwnServer};
 use eventbus_core::testkit::{
-    connection_lost_and_back, kit_config, kit_timeout, ordering_violations, peak_tasks_during_flow,
-    unique, Backend, Outage, Recorder,
+    connection_lost_and_back, join_group, kit_config, kit_timeout, ordering_violations,
+    peak_tasks_during_flow, unique, Backend, GroupLedger, Outage, Recorder,
 };
 use eventbus_core::{
     headers, Bus, BusConfig, BusError, ConnectionState, Envelope, Publication, TransportError,
 };
-use eventbus_nats::{Auth, NatsConfig, NatsTransport, Secret};
+use eventbus_nats::{Auth, GroupSettings, NatsConfig, NatsTransport, Secret};
 use serde_json::json;
 
 async fn bus() -> Bus<NatsTransport> {
@@ -581,4 +582,66 @@ async fn publish_ack_timeout_bounds_a_missing_ack() {
         cfg.publish_ack_timeout
     );
     t.bus.close().await.expect("close");
+}
+
+/// An instance that closes hands its partitions over at once: the instance left gets them at
+/// its next heartbeat. The lease time here (10 min) is far beyond the kit's hang guard, so the
+/// events can only arrive if the closing instance released its leases and left the member
+/// list (a member still listed keeps the partitions the round robin gives it).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_closed_instance_hands_its_partitions_over_at_once() {
+    let mut nats = Nats::new();
+    nats.config.group = GroupSettings {
+        lease_ttl: Duration::from_secs(600),
+        heartbeat: Duration::from_millis(200),
+        instance_id: None,
+    };
+    let topic = unique("nats-handover");
+    let group = unique("svc");
+    let ledger = Arc::new(GroupLedger::default());
+    let leaving = nats.connect(kit_config()).await.expect("connect");
+    let staying = nats.connect(kit_config()).await.expect("connect");
+    join_group(&leaving, &topic, &group, 0, &ledger).await;
+    join_group(&staying, &topic, &group, 1, &ledger).await;
+    // Rounds until both instances have work, so both hold partitions.
+    let mut published = 0;
+    let mut round = 0;
+    let deadline = tokio::time::Instant::now() + kit_timeout();
+    while ledger.counts().instances < 2 {
+        round += 1;
+        for a in 0..64 {
+            let e = Envelope::new(format!("agg-{a}"), "t", round, json!({}));
+            staying.publish_envelope(&topic, &e).await.expect("publish");
+        }
+        published += 64;
+        ledger
+            .wait_until("a round", |c| c.handled >= published)
+            .await;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the second instance never got work"
+        );
+    }
+    leaving.close().await.expect("close");
+    let before = ledger.counts().per_instance;
+    round += 1;
+    for a in 0..64 {
+        let e = Envelope::new(format!("agg-{a}"), "t", round, json!({}));
+        staying.publish_envelope(&topic, &e).await.expect("publish");
+    }
+    published += 64;
+    ledger
+        .wait_until("every event, by the instance that stayed", |c| {
+            c.handled >= published
+        })
+        .await;
+    let after = ledger.counts();
+    assert_eq!(after.order_violations, 0, "{after:?}");
+    assert_eq!(after.overlaps, 0, "{after:?}");
+    assert_eq!(
+        after.per_instance.iter().find(|(i, _)| *i == 0),
+        before.iter().find(|(i, _)| *i == 0),
+        "the closed instance handled events after close"
+    );
+    staying.close().await.expect("close");
 }
