@@ -1,0 +1,408 @@
+//! The relay: publishes committed outbox rows and marks them from the broker's answers.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use eventbus_core::{Bus, Envelope, Transport};
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+
+use crate::error::{OutboxError, OutboxErrorKind};
+use crate::store::{Batch, Claimed, OutboxDb, Outcome};
+
+/// A row given up on: its attempts ran out (or its stored envelope does not decode).
+#[derive(Debug, Clone)]
+pub struct DeadEvent {
+    /// The event's id.
+    pub event_id: String,
+    /// Its topic.
+    pub topic: String,
+    /// The last error.
+    pub error: String,
+    /// Attempts made.
+    pub attempts: i64,
+}
+
+/// Called with every row marked dead, on the relay's task: keep it short.
+#[derive(Clone)]
+pub struct DeadCallback(Arc<dyn Fn(&DeadEvent) + Send + Sync>);
+
+impl DeadCallback {
+    /// Wraps `f`.
+    pub fn new(f: impl Fn(&DeadEvent) + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+}
+
+impl fmt::Debug for DeadCallback {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DeadCallback")
+    }
+}
+
+/// How the relay works; every field has a default.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Rows claimed and published per round (default 500, the bus's pull batch): at most one
+    /// per aggregate, the oldest pending event of each.
+    pub batch_size: usize,
+    /// With nothing to do, look again after this long even without a wake-up (default 1 s):
+    /// the fallback when a wake-up is missed, and how retries that come due are found.
+    pub poll_interval: Duration,
+    /// Attempts before a row is marked dead (default 10).
+    pub max_attempts: u32,
+    /// Wait before the first retry; doubles per attempt up to `max_backoff` (default 200 ms).
+    pub initial_backoff: Duration,
+    /// Longest wait between attempts (default 30 s).
+    pub max_backoff: Duration,
+    /// Published rows are deleted after this long (default 24 h; `Duration::ZERO` keeps
+    /// them).
+    pub retention: Duration,
+    /// How often the retention cleanup runs (default 1 min); it deletes at most 10,000 rows
+    /// per run.
+    pub cleanup_interval: Duration,
+    /// `stop()` waits this long for the round under way (default 30 s).
+    pub stop_timeout: Duration,
+    /// Called with each row marked dead (default: logged only).
+    pub on_dead: Option<DeadCallback>,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            poll_interval: Duration::from_secs(1),
+            max_attempts: 10,
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(30),
+            retention: Duration::from_secs(24 * 3600),
+            cleanup_interval: Duration::from_secs(60),
+            stop_timeout: Duration::from_secs(30),
+            on_dead: None,
+        }
+    }
+}
+
+/// What the relay did since it started (the table's own counts are [`OutboxDb::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RelayMetrics {
+    /// Rows marked published (each after its broker ACK).
+    pub published: u64,
+    /// Failed attempts scheduled for a retry.
+    pub retried: u64,
+    /// Rows marked dead.
+    pub dead: u64,
+    /// Rounds whose marks could not be written (their rows are published again later, with
+    /// the same `event_id`).
+    pub mark_failures: u64,
+}
+
+struct Shared {
+    wake: Notify,
+    stopping: AtomicBool,
+    published: AtomicU64,
+    retried: AtomicU64,
+    dead: AtomicU64,
+    mark_failures: AtomicU64,
+    /// The metrics after every round, for waiting on progress.
+    progress: watch::Sender<RelayMetrics>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self {
+            wake: Notify::new(),
+            stopping: AtomicBool::new(false),
+            published: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            dead: AtomicU64::new(0),
+            mark_failures: AtomicU64::new(0),
+            progress: watch::channel(RelayMetrics::default()).0,
+        }
+    }
+}
+
+/// Wakes the relay after a commit, so it does not wait for its poll interval. Cheap to clone.
+#[derive(Clone)]
+pub struct RelayWaker(Arc<Shared>);
+
+impl RelayWaker {
+    /// Tells the relay there is work (call after committing a transaction that enqueued).
+    pub fn wake(&self) {
+        self.0.wake.notify_one();
+    }
+}
+
+/// A running relay (one task). On PostgreSQL several relays, in one process or many, may run
+/// on one table: each claims rows with `FOR UPDATE SKIP LOCKED`, so a row is never published
+/// by two at once, and an insert trigger's NOTIFY wakes them. On SQLite run one relay per
+/// database file.
+pub struct Relay {
+    shared: Arc<Shared>,
+    task: JoinHandle<()>,
+    stop_timeout: Duration,
+}
+
+impl Relay {
+    /// Starts relaying `db`'s outbox through `bus`.
+    pub fn start<T: Transport>(
+        db: OutboxDb,
+        bus: Bus<T>,
+        config: RelayConfig,
+    ) -> Result<Self, OutboxError> {
+        if config.batch_size == 0 || config.max_attempts == 0 || config.poll_interval.is_zero() {
+            return Err(OutboxError::new(
+                OutboxErrorKind::Config,
+                "batch_size, max_attempts and poll_interval must be above zero",
+            ));
+        }
+        let shared = Arc::new(Shared::default());
+        let stop_timeout = config.stop_timeout;
+        let task = tokio::spawn(run(db, bus, config, shared.clone()));
+        Ok(Self {
+            shared,
+            task,
+            stop_timeout,
+        })
+    }
+
+    /// A handle that wakes the relay.
+    pub fn waker(&self) -> RelayWaker {
+        RelayWaker(self.shared.clone())
+    }
+
+    /// Wakes the relay (see [`RelayWaker::wake`]).
+    pub fn wake(&self) {
+        self.shared.wake.notify_one();
+    }
+
+    /// What the relay did so far.
+    pub fn metrics(&self) -> RelayMetrics {
+        snapshot(&self.shared)
+    }
+
+    /// The metrics, updated after every round: wait on it for progress.
+    ///
+    /// ```no_run
+    /// # async fn f(relay: &eventbus_outbox::Relay) {
+    /// let mut progress = relay.progress();
+    /// let _ = progress.wait_for(|m| m.published >= 100).await;
+    /// # }
+    /// ```
+    pub fn progress(&self) -> watch::Receiver<RelayMetrics> {
+        self.shared.progress.subscribe()
+    }
+
+    /// Stops after the round under way (its results are marked), waiting at most
+    /// `stop_timeout`; a round cut off there is published again by the next relay.
+    pub async fn stop(mut self) -> Result<RelayMetrics, OutboxError> {
+        self.shared.stopping.store(true, Ordering::Release);
+        self.shared.wake.notify_one();
+        if tokio::time::timeout(self.stop_timeout, &mut self.task)
+            .await
+            .is_err()
+        {
+            self.task.abort();
+            return Err(OutboxError::new(
+                OutboxErrorKind::Stopped,
+                "the relay's round did not end within stop_timeout; aborted",
+            ));
+        }
+        Ok(snapshot(&self.shared))
+    }
+}
+
+impl Drop for Relay {
+    /// A relay dropped without `stop` ends after its round under way.
+    fn drop(&mut self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        self.shared.wake.notify_one();
+    }
+}
+
+fn snapshot(s: &Shared) -> RelayMetrics {
+    RelayMetrics {
+        published: s.published.load(Ordering::Relaxed),
+        retried: s.retried.load(Ordering::Relaxed),
+        dead: s.dead.load(Ordering::Relaxed),
+        mark_failures: s.mark_failures.load(Ordering::Relaxed),
+    }
+}
+
+/// Rows deleted per cleanup run at most.
+const CLEANUP_LIMIT: i64 = 10_000;
+
+async fn run<T: Transport>(db: OutboxDb, bus: Bus<T>, config: RelayConfig, shared: Arc<Shared>) {
+    let mut listener = Listener::start(&db).await;
+    let mut next_cleanup = tokio::time::Instant::now();
+    let limit = i64::try_from(config.batch_size).unwrap_or(i64::MAX);
+    while !shared.stopping.load(Ordering::Acquire) {
+        if !config.retention.is_zero() && tokio::time::Instant::now() >= next_cleanup {
+            next_cleanup = tokio::time::Instant::now() + config.cleanup_interval;
+            let before = crate::now_ms() - millis(config.retention);
+            match db.cleanup(before, CLEANUP_LIMIT).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(deleted = n, "outbox retention cleanup"),
+                Err(e) => tracing::warn!(error = %e, "outbox retention cleanup failed"),
+            }
+        }
+        let batch = match db.claim(crate::now_ms(), limit).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "outbox relay cannot claim rows; retrying");
+                idle(&shared, &mut listener, config.poll_interval).await;
+                continue;
+            }
+        };
+        if batch.rows.is_empty() {
+            drop(batch);
+            idle(&shared, &mut listener, config.poll_interval).await;
+            continue;
+        }
+        round(&db, &bus, &config, &shared, batch).await;
+    }
+}
+
+/// Publishes a claimed batch, each row once, concurrently, and marks the outcomes.
+async fn round<T: Transport>(
+    db: &OutboxDb,
+    bus: &Bus<T>,
+    config: &RelayConfig,
+    shared: &Shared,
+    batch: Batch,
+) {
+    let publishes = batch.rows.iter().map(|row| publish(bus, config, row));
+    let outcomes = futures_util::future::join_all(publishes).await;
+    let (mut published, mut retried, mut dead) = (0u64, 0u64, 0u64);
+    for (o, row) in outcomes.iter().zip(&batch.rows) {
+        match o {
+            Outcome::Published { .. } => published += 1,
+            Outcome::Failed {
+                dead: true, error, ..
+            } => {
+                dead += 1;
+                let event = DeadEvent {
+                    event_id: row.event_id.clone(),
+                    topic: row.topic.clone(),
+                    error: error.clone(),
+                    attempts: row.attempts + 1,
+                };
+                tracing::error!(event_id = %event.event_id, topic = %event.topic, error = %event.error,
+                    attempts = event.attempts, "outbox row marked dead");
+                if let Some(cb) = &config.on_dead {
+                    (cb.0)(&event);
+                }
+            }
+            Outcome::Failed { error, .. } => {
+                retried += 1;
+                tracing::debug!(event_id = %row.event_id, %error, "outbox publish failed; retrying later");
+            }
+        }
+    }
+    match db.finish(batch, &outcomes, crate::now_ms()).await {
+        Ok(()) => {
+            shared.published.fetch_add(published, Ordering::Relaxed);
+            shared.retried.fetch_add(retried, Ordering::Relaxed);
+            shared.dead.fetch_add(dead, Ordering::Relaxed);
+        }
+        Err(e) => {
+            shared.mark_failures.fetch_add(1, Ordering::Relaxed);
+            // Nothing marked: the rows stay pending and are published again, with the same
+            // event ids (NATS drops the copy within its duplicate window; consumers' dedup
+            // windows skip it elsewhere).
+            tracing::warn!(error = %e, "outbox relay cannot mark its round; it will be published again");
+        }
+    }
+    shared.progress.send_replace(snapshot(shared));
+}
+
+async fn publish<T: Transport>(bus: &Bus<T>, config: &RelayConfig, row: &Claimed) -> Outcome {
+    let failed = |error: String, dead: bool| {
+        let attempt = u32::try_from(row.attempts).unwrap_or(u32::MAX);
+        let dead = dead || attempt.saturating_add(1) >= config.max_attempts;
+        let backoff = config
+            .initial_backoff
+            .saturating_mul(2u32.saturating_pow(attempt.min(31)))
+            .min(config.max_backoff);
+        Outcome::Failed {
+            id: row.id,
+            error,
+            next_attempt_at: crate::now_ms() + millis(backoff),
+            dead,
+        }
+    };
+    let envelope = match Envelope::from_json(row.envelope.as_bytes()) {
+        Ok(e) => e,
+        Err(e) => return failed(format!("the stored envelope does not decode: {e}"), true),
+    };
+    match bus.publish_envelope_and_wait(&row.topic, &envelope).await {
+        Ok(r) => match r.outcome {
+            Ok(_) => Outcome::Published { id: row.id },
+            Err(e) => failed(e.to_string(), false),
+        },
+        Err(e) => failed(e.to_string(), false),
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Waits for a wake-up, a database notification, the poll interval or a stop.
+async fn idle(shared: &Shared, listener: &mut Listener, poll: Duration) {
+    if shared.stopping.load(Ordering::Acquire) {
+        return;
+    }
+    tokio::select! {
+        _ = shared.wake.notified() => {}
+        _ = listener.notified() => {}
+        _ = tokio::time::sleep(poll) => {}
+    }
+}
+
+/// PostgreSQL's LISTEN on the insert trigger's channel; nothing on SQLite.
+enum Listener {
+    None,
+    #[cfg(feature = "postgres")]
+    Postgres(sqlx::postgres::PgListener),
+}
+
+impl Listener {
+    async fn start(db: &OutboxDb) -> Self {
+        match db {
+            #[cfg(feature = "postgres")]
+            OutboxDb::Postgres(pool) => {
+                let listening = async {
+                    let mut l = sqlx::postgres::PgListener::connect_with(pool).await?;
+                    l.listen("eventbus_outbox").await?;
+                    Ok::<_, sqlx::Error>(l)
+                };
+                match listening.await {
+                    Ok(l) => Self::Postgres(l),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot LISTEN for outbox inserts; polling only");
+                        Self::None
+                    }
+                }
+            }
+            #[allow(unreachable_patterns)]
+            _ => Self::None,
+        }
+    }
+
+    async fn notified(&mut self) {
+        match self {
+            Self::None => std::future::pending().await,
+            #[cfg(feature = "postgres")]
+            Self::Postgres(l) => {
+                if let Err(e) = l.recv().await {
+                    // PgListener reconnects by itself on the next recv; until then, poll.
+                    tracing::debug!(error = %e, "outbox LISTEN connection lost");
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+    }
+}
