@@ -1,11 +1,13 @@
 //! The relay: publishes committed outbox rows and marks them from the broker's answers.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use eventbus_core::{Bus, Envelope, Transport};
+use bytes::Bytes;
+use eventbus_core::{Bus, Envelope, Publication, Transport};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
@@ -234,11 +236,31 @@ fn snapshot(s: &Shared) -> RelayMetrics {
 /// Rows deleted per cleanup run at most.
 const CLEANUP_LIMIT: i64 = 10_000;
 
+/// Rounds in flight at once: while one round's marks are written, the next is claimed and
+/// published. A round never holds a row of an aggregate that has a row in the other (the
+/// claim takes only heads, and rows in flight are still pending), so order holds.
+const ROUNDS_IN_FLIGHT: usize = 2;
+
 async fn run<T: Transport>(db: OutboxDb, bus: Bus<T>, config: RelayConfig, shared: Arc<Shared>) {
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+
     let mut listener = Listener::start(&db).await;
     let mut next_cleanup = tokio::time::Instant::now();
     let limit = i64::try_from(config.batch_size).unwrap_or(i64::MAX);
-    while !shared.stopping.load(Ordering::Acquire) {
+    let mut rounds = FuturesUnordered::new();
+    // Rows of the rounds in flight: not claimed again.
+    let mut in_flight: HashSet<i64> = HashSet::new();
+    loop {
+        let stopping = shared.stopping.load(Ordering::Acquire);
+        if stopping || rounds.len() >= ROUNDS_IN_FLIGHT {
+            match rounds.next().await {
+                Some(done) => {
+                    forget(&mut in_flight, done);
+                    continue;
+                }
+                None => break,
+            }
+        }
         if !config.retention.is_zero() && tokio::time::Instant::now() >= next_cleanup {
             next_cleanup = tokio::time::Instant::now() + config.cleanup_interval;
             let before = crate::now_ms() - millis(config.retention);
@@ -248,7 +270,16 @@ async fn run<T: Transport>(db: OutboxDb, bus: Bus<T>, config: RelayConfig, share
                 Err(e) => tracing::warn!(error = %e, "outbox retention cleanup failed"),
             }
         }
-        let batch = match db.claim(crate::now_ms(), limit).await {
+        // Claim while the rounds in flight go on.
+        let claim = db.claim(crate::now_ms(), limit, in_flight.clone());
+        tokio::pin!(claim);
+        let claimed = loop {
+            tokio::select! {
+                c = &mut claim => break c,
+                Some(done) = rounds.next(), if !rounds.is_empty() => forget(&mut in_flight, done),
+            }
+        };
+        let batch = match claimed {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(error = %e, "outbox relay cannot claim rows; retrying");
@@ -258,10 +289,21 @@ async fn run<T: Transport>(db: OutboxDb, bus: Bus<T>, config: RelayConfig, share
         };
         if batch.rows.is_empty() {
             drop(batch);
-            idle(&shared, &mut listener, config.poll_interval).await;
+            if rounds.is_empty() {
+                idle(&shared, &mut listener, config.poll_interval).await;
+            } else if let Some(done) = rounds.next().await {
+                forget(&mut in_flight, done);
+            }
             continue;
         }
-        round(&db, &bus, &config, &shared, batch).await;
+        in_flight.extend(batch.rows.iter().map(|r| r.id));
+        rounds.push(round(&db, &bus, &config, &shared, batch));
+    }
+}
+
+fn forget(in_flight: &mut HashSet<i64>, done: Vec<i64>) {
+    for id in done {
+        in_flight.remove(&id);
     }
 }
 
@@ -272,7 +314,8 @@ async fn round<T: Transport>(
     config: &RelayConfig,
     shared: &Shared,
     batch: Batch,
-) {
+) -> Vec<i64> {
+    let ids: Vec<i64> = batch.rows.iter().map(|r| r.id).collect();
     let publishes = batch.rows.iter().map(|row| publish(bus, config, row));
     let outcomes = futures_util::future::join_all(publishes).await;
     let (mut published, mut retried, mut dead) = (0u64, 0u64, 0u64);
@@ -316,6 +359,7 @@ async fn round<T: Transport>(
         }
     }
     shared.progress.send_replace(snapshot(shared));
+    ids
 }
 
 async fn publish<T: Transport>(bus: &Bus<T>, config: &RelayConfig, row: &Claimed) -> Outcome {
@@ -337,7 +381,15 @@ async fn publish<T: Transport>(bus: &Bus<T>, config: &RelayConfig, row: &Claimed
         Ok(e) => e,
         Err(e) => return failed(format!("the stored envelope does not decode: {e}"), true),
     };
-    match bus.publish_envelope_and_wait(&row.topic, &envelope).await {
+    // The stored JSON is the payload as it is: decoded for the routing headers only, not
+    // encoded again.
+    let mut publication = Publication::new(row.topic.as_str(), Bytes::from(row.envelope.clone()))
+        .event_id(envelope.event_id.as_str())
+        .aggregate_id(envelope.aggregate_id.as_str());
+    for (name, value) in envelope.headers().iter() {
+        publication = publication.header(name, value);
+    }
+    match bus.send_and_wait(publication).await {
         Ok(r) => match r.outcome {
             Ok(_) => Outcome::Published { id: row.id },
             Err(e) => failed(e.to_string(), false),

@@ -200,8 +200,25 @@ impl OutboxDb {
         done.map_err(|e| OutboxError::database("creating the outbox table", e))
     }
 
-    /// Claims up to `limit` due rows, heads of their aggregates, oldest first.
-    pub(crate) async fn claim(&self, now: i64, limit: i64) -> Result<Batch, OutboxError> {
+    /// Claims up to `limit` due rows, heads of their aggregates, oldest first, leaving out
+    /// `in_flight` (rows of rounds still under way; on PostgreSQL their locks skip them too).
+    pub(crate) async fn claim(
+        &self,
+        now: i64,
+        limit: i64,
+        in_flight: std::collections::HashSet<i64>,
+    ) -> Result<Batch, OutboxError> {
+        let mut batch = self
+            .claim_heads(now, limit + i64::try_from(in_flight.len()).unwrap_or(0))
+            .await?;
+        batch.rows.retain(|r| !in_flight.contains(&r.id));
+        batch
+            .rows
+            .truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        Ok(batch)
+    }
+
+    async fn claim_heads(&self, now: i64, limit: i64) -> Result<Batch, OutboxError> {
         let failed = |e| OutboxError::database("claiming outbox rows", e);
         match self {
             #[cfg(feature = "sqlite")]
