@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, exactly as CI runs it (.ci/run calls this script).
 # Installs and starts what the tests need on 127.0.0.1 (nats-server via scripts/nats.sh, the
-# Kafka-protocol broker Tansu via scripts/kafka.sh), runs everything, stops the brokers again.
+# Kafka-protocol broker Tansu via scripts/kafka.sh, PostgreSQL via scripts/postgres.sh), runs
+# everything, stops them again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
@@ -11,10 +12,12 @@ step() { printf '\n== %s\n' "$*"; }
 step "brokers"
 scripts/nats.sh fresh
 scripts/kafka.sh fresh
-trap 'scripts/nats.sh stop; scripts/kafka.sh stop' EXIT
+scripts/postgres.sh fresh
+trap 'scripts/nats.sh stop; scripts/kafka.sh stop; scripts/postgres.sh stop' EXIT
 eval "$(scripts/nats.sh env | sed 's/^/export /')"
 eval "$(scripts/kafka.sh env | sed 's/^/export /')"
-echo "EVENTBUS_NATS_URL=$EVENTBUS_NATS_URL EVENTBUS_KAFKA_BROKERS=$EVENTBUS_KAFKA_BROKERS"
+eval "$(scripts/postgres.sh env | sed 's/^/export /')"
+echo "EVENTBUS_NATS_URL=$EVENTBUS_NATS_URL EVENTBUS_KAFKA_BROKERS=$EVENTBUS_KAFKA_BROKERS EVENTBUS_POSTGRES_URL=$EVENTBUS_POSTGRES_URL"
 
 step "format"
 cargo fmt --all -- --check
@@ -23,7 +26,7 @@ step "lint"
 cargo clippy --workspace --all-features --all-targets --locked -- -D warnings
 
 step "doc tests"
-cargo test --locked --all-features --doc -p eventbus-core -p eventbus -p eventbus-nats -p eventbus-kafka
+cargo test --locked --all-features --doc -p eventbus-core -p eventbus -p eventbus-nats -p eventbus-kafka -p eventbus-outbox
 
 step "examples"
 cargo run --locked -q -p eventbus-examples --example quickstart
@@ -31,6 +34,8 @@ cargo run --locked -q -p eventbus-examples --example ordered_consumer
 cargo run --locked -q -p eventbus-examples --example broker_swap
 EVENTBUS_URL="$EVENTBUS_NATS_URL" cargo run --locked -q -p eventbus-examples --example broker_swap
 EVENTBUS_URL="kafka://$EVENTBUS_KAFKA_BROKERS" cargo run --locked -q -p eventbus-examples --example broker_swap
+cargo run --locked -q -p eventbus-examples --example outbox
+EVENTBUS_URL="$EVENTBUS_NATS_URL" cargo run --locked -q -p eventbus-examples --example outbox
 
 step "main command, smallest level"
 cargo run --locked -q -p eventbus-benches --bin eventbus-bench -- --levels low --repeats 1

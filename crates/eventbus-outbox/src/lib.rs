@@ -37,9 +37,8 @@
 //! tx.commit().await?;
 //! relay.wake();
 //!
-//! while db.stats().await?.published < 1 {
-//!     tokio::task::yield_now().await;
-//! }
+//! // Marked published only after the broker's ACK.
+//! relay.progress().wait_for(|m| m.published >= 1).await?;
 //! assert_eq!(broker.stored("orders"), 1);
 //! relay.stop().await?;
 //! bus.close().await?;
