@@ -14,5 +14,8 @@ CREATE TABLE IF NOT EXISTS eventbus_outbox (
 );
 CREATE INDEX IF NOT EXISTS eventbus_outbox_pending
     ON eventbus_outbox (aggregate_id, id) WHERE state = 0;
+-- Pending rows in outbox order: a claim walks these, not every row ever published.
+CREATE INDEX IF NOT EXISTS eventbus_outbox_queue
+    ON eventbus_outbox (id) WHERE state = 0;
 CREATE INDEX IF NOT EXISTS eventbus_outbox_published
     ON eventbus_outbox (published_at) WHERE state = 1;

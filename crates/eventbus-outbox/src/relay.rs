@@ -250,9 +250,14 @@ async fn run<T: Transport>(db: OutboxDb, bus: Bus<T>, config: RelayConfig, share
     let mut rounds = FuturesUnordered::new();
     // Rows of the rounds in flight: not claimed again.
     let mut in_flight: HashSet<i64> = HashSet::new();
+    // The last claim found fewer heads than it could take: new ones appear when a round's
+    // marks commit (or rows are inserted), so wait for a round before claiming again rather
+    // than scanning pending rows that are all held back by rows in flight.
+    let mut exhausted = false;
     loop {
         let stopping = shared.stopping.load(Ordering::Acquire);
-        if stopping || rounds.len() >= ROUNDS_IN_FLIGHT {
+        if stopping || rounds.len() >= ROUNDS_IN_FLIGHT || (exhausted && !rounds.is_empty()) {
+            exhausted = false;
             match rounds.next().await {
                 Some(done) => {
                     forget(&mut in_flight, done);
@@ -287,6 +292,7 @@ async fn run<T: Transport>(db: OutboxDb, bus: Bus<T>, config: RelayConfig, share
                 continue;
             }
         };
+        exhausted = batch.rows.len() < config.batch_size;
         if batch.rows.is_empty() {
             drop(batch);
             if rounds.is_empty() {
