@@ -57,7 +57,13 @@ stop() {
   if [ -f "$PIDFILE" ]; then
     pid=$(cat "$PIDFILE")
     if kill "$pid" 2>/dev/null; then
-      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      # A server with many streams can take a while to flush and exit; a `fresh` start must
+      # not find the old one still answering (and then lose it), so escalate and wait.
+      for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      if kill -0 "$pid" 2>/dev/null; then
+        kill -9 "$pid" 2>/dev/null || true
+        for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      fi
     fi
     rm -f "$PIDFILE"
   fi
