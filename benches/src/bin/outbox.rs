@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use eventbus::{BackendConfig, BusConfig, Envelope, EventBus};
-use eventbus_outbox::{enqueue, OutboxDb, Relay, RelayConfig};
+use eventbus_outbox::{enqueue, OutboxDb, OutboxExecutor, Relay, RelayConfig};
 use sqlx::Connection;
 
 #[derive(Parser, Debug)]
@@ -94,6 +94,27 @@ async fn connect(args: &Args, broker: &str) -> Result<EventBus, String> {
         .map_err(|e| e.to_string())
 }
 
+/// Commits `all` to the outbox of `pool`, 500 per transaction.
+async fn commit_all<DB: sqlx::Database>(
+    pool: &sqlx::Pool<DB>,
+    all: &[Envelope],
+    topic: &str,
+) -> Result<(), String>
+where
+    sqlx::Transaction<'static, DB>: OutboxExecutor,
+{
+    for chunk in all.chunks(500) {
+        let mut tx = pool.begin().await.map_err(|e| e.to_string())?;
+        for env in chunk {
+            enqueue(&mut tx, topic, env)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        tx.commit().await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 /// A fresh, migrated outbox, with the events committed to it.
 async fn outbox_with(
     args: &Args,
@@ -116,15 +137,7 @@ async fn outbox_with(
                 .map_err(e)?;
             let db = OutboxDb::from(pool.clone());
             db.migrate().await.map_err(|e| e.to_string())?;
-            for chunk in all.chunks(500) {
-                let mut tx = pool.begin().await.map_err(e)?;
-                for env in chunk {
-                    enqueue(&mut tx, topic, env)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
-                tx.commit().await.map_err(e)?;
-            }
+            commit_all(&pool, all, topic).await?;
             Ok(db)
         }
         "postgres" => {
@@ -146,15 +159,7 @@ async fn outbox_with(
                 .map_err(e)?;
             let db = OutboxDb::from(pool.clone());
             db.migrate().await.map_err(|e| e.to_string())?;
-            for chunk in all.chunks(500) {
-                let mut tx = pool.begin().await.map_err(e)?;
-                for env in chunk {
-                    enqueue(&mut tx, topic, env)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
-                tx.commit().await.map_err(e)?;
-            }
+            commit_all(&pool, all, topic).await?;
             Ok(db)
         }
         other => Err(format!("unknown database {other:?}")),

@@ -256,8 +256,7 @@ impl OutboxDb {
         }
     }
 
-    /// Records the outcomes of a claimed batch in one transaction (the claim's, on
-    /// PostgreSQL): published rows in one statement, failures one by one.
+    /// Records the outcomes of a claimed batch.
     pub(crate) async fn finish(
         &self,
         batch: Batch,
@@ -272,21 +271,12 @@ impl OutboxDb {
                 Outcome::Failed { .. } => None,
             })
             .collect();
-        match (self, batch.lock) {
-            #[cfg(feature = "sqlite")]
-            (Self::Sqlite(p), _) => {
-                let mut tx = p.begin().await.map_err(failed)?;
-                if !published.is_empty() {
-                    let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                        "UPDATE eventbus_outbox SET state = 1, published_at = ",
-                    );
-                    q.push_bind(now).push(" WHERE id IN (");
-                    let mut ids = q.separated(", ");
-                    for id in &published {
-                        ids.push_bind(*id);
-                    }
-                    q.push(")");
-                    q.build().execute(&mut *tx).await.map_err(failed)?;
+        // One transaction: the claim's on PostgreSQL (its row locks end with it), a new one
+        // on SQLite. Published rows in one statement, failures one by one.
+        macro_rules! write_outcomes {
+            ($tx:ident, $published:expr, $failed_sql:expr) => {{
+                if let Some(q) = $published {
+                    q.execute(&mut *$tx).await.map_err(failed)?;
                 }
                 for o in outcomes {
                     if let Outcome::Failed {
@@ -296,56 +286,52 @@ impl OutboxDb {
                         dead,
                     } = o
                     {
-                        sqlx::query(
-                            "UPDATE eventbus_outbox SET attempts = attempts + 1, last_error = ?, \
-                             next_attempt_at = ?, state = ? WHERE id = ?",
-                        )
-                        .bind(error)
-                        .bind(next_attempt_at)
-                        .bind(if *dead { DEAD } else { PENDING })
-                        .bind(id)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(failed)?;
+                        sqlx::query($failed_sql)
+                            .bind(error)
+                            .bind(next_attempt_at)
+                            .bind(if *dead { DEAD } else { PENDING })
+                            .bind(id)
+                            .execute(&mut *$tx)
+                            .await
+                            .map_err(failed)?;
                     }
                 }
-                tx.commit().await.map_err(failed)
+                $tx.commit().await.map_err(failed)
+            }};
+        }
+        match (self, batch.lock) {
+            #[cfg(feature = "sqlite")]
+            (Self::Sqlite(p), _) => {
+                let mut tx = p.begin().await.map_err(failed)?;
+                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                    "UPDATE eventbus_outbox SET state = 1, published_at = ",
+                );
+                q.push_bind(now).push(" WHERE id IN (");
+                let mut ids = q.separated(", ");
+                for id in &published {
+                    ids.push_bind(*id);
+                }
+                q.push(")");
+                write_outcomes!(
+                    tx,
+                    (!published.is_empty()).then(|| q.build()),
+                    "UPDATE eventbus_outbox SET attempts = attempts + 1, last_error = ?, \
+                     next_attempt_at = ?, state = ? WHERE id = ?"
+                )
             }
             #[cfg(feature = "postgres")]
-            (Self::Postgres(_), Lock::Postgres(mut tx)) => {
-                if !published.is_empty() {
+            (Self::Postgres(_), Lock::Postgres(mut tx)) => write_outcomes!(
+                tx,
+                (!published.is_empty()).then(|| {
                     sqlx::query(
                         "UPDATE eventbus_outbox SET state = 1, published_at = $1 WHERE id = ANY($2)",
                     )
                     .bind(now)
                     .bind(&published)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(failed)?;
-                }
-                for o in outcomes {
-                    if let Outcome::Failed {
-                        id,
-                        error,
-                        next_attempt_at,
-                        dead,
-                    } = o
-                    {
-                        sqlx::query(
-                            "UPDATE eventbus_outbox SET attempts = attempts + 1, last_error = $1, \
-                             next_attempt_at = $2, state = $3 WHERE id = $4",
-                        )
-                        .bind(error)
-                        .bind(next_attempt_at)
-                        .bind(if *dead { DEAD } else { PENDING })
-                        .bind(id)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(failed)?;
-                    }
-                }
-                tx.commit().await.map_err(failed)
-            }
+                }),
+                "UPDATE eventbus_outbox SET attempts = attempts + 1, last_error = $1, \
+                 next_attempt_at = $2, state = $3 WHERE id = $4"
+            ),
             #[cfg(all(feature = "postgres", feature = "sqlite"))]
             (Self::Postgres(_), Lock::None) => Err(OutboxError::new(
                 crate::OutboxErrorKind::Database,

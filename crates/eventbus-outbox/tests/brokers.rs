@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{env, relay_config, wait_for, Db};
+use common::{env, nats_bus, relay_config, wait_for, Db};
 use eventbus_core::testkit::{kit_config, unique, Recorder};
 use eventbus_core::{Bus, Envelope, Transport};
 use eventbus_outbox::Relay;
@@ -48,18 +48,6 @@ async fn relayed_once_in_order<T: Transport>(db: Db, bus: Bus<T>) {
     let stats = db.outbox().stats().await.expect("stats");
     assert_eq!((stats.pending, stats.published), (0, total as u64));
     bus.close().await.expect("close");
-}
-
-fn nats_url() -> String {
-    std::env::var("EVENTBUS_NATS_URL")
-        .expect("EVENTBUS_NATS_URL (scripts/test.sh starts nats-server)")
-}
-
-async fn nats_bus() -> Bus<eventbus_nats::NatsTransport> {
-    let t = eventbus_nats::NatsTransport::connect(eventbus_nats::NatsConfig::new(nats_url()))
-        .await
-        .expect("connect to NATS");
-    Bus::new(t, kit_config()).expect("bus")
 }
 
 async fn kafka_bus() -> Bus<eventbus_kafka::KafkaTransport> {

@@ -11,28 +11,16 @@ use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{env, Db};
+use common::{env, nats_bus, nats_url, Db};
 use eventbus_core::partitioner::partition_for;
-use eventbus_core::testkit::{kit_config, kit_timeout, unique, Recorder};
-use eventbus_core::{Bus, Envelope};
+use eventbus_core::testkit::{kit_timeout, unique, Recorder};
+use eventbus_core::Envelope;
 use eventbus_outbox::{OutboxDb, Relay, RelayConfig};
 
 const CHILD_ENV: &str = "EVENTBUS_OUTBOX_RELAY_CHILD";
 const AGGREGATES: usize = 100;
 const VERSIONS: i64 = 100;
 const KILLS: usize = 8;
-
-fn nats_url() -> String {
-    std::env::var("EVENTBUS_NATS_URL")
-        .expect("EVENTBUS_NATS_URL (scripts/test.sh starts nats-server)")
-}
-
-async fn nats_bus() -> Bus<eventbus_nats::NatsTransport> {
-    let t = eventbus_nats::NatsTransport::connect(eventbus_nats::NatsConfig::new(nats_url()))
-        .await
-        .expect("connect to NATS");
-    Bus::new(t, kit_config()).expect("bus")
-}
 
 /// Opens the outbox of `url` (`sqlite://path` or a PostgreSQL URL).
 async fn open(url: &str) -> OutboxDb {

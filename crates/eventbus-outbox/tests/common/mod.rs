@@ -19,7 +19,7 @@ use eventbus_core::{
     Transport, TransportError,
 };
 use eventbus_outbox::{
-    enqueue, DeadCallback, DeadEvent, OutboxDb, Relay, RelayConfig, RelayMetrics,
+    enqueue, DeadCallback, DeadEvent, OutboxDb, OutboxExecutor, Relay, RelayConfig, RelayMetrics,
 };
 
 /// A database under test, with the application's side: a transaction that enqueues.
@@ -65,29 +65,9 @@ impl Db {
     /// Enqueues `events` in one transaction, then commits (or rolls back).
     pub async fn write(&self, topic: &str, events: &[Envelope], commit: bool) {
         match self {
-            Self::Sqlite(p, _) => {
-                let mut tx = p.begin().await.expect("begin");
-                for e in events {
-                    enqueue(&mut tx, topic, e).await.expect("enqueue");
-                }
-                if commit {
-                    tx.commit().await.expect("commit");
-                } else {
-                    tx.rollback().await.expect("rollback");
-                }
-            }
+            Self::Sqlite(p, _) => write_in(p, topic, events, commit).await,
             #[cfg(feature = "postgres")]
-            Self::Postgres(p) => {
-                let mut tx = p.begin().await.expect("begin");
-                for e in events {
-                    enqueue(&mut tx, topic, e).await.expect("enqueue");
-                }
-                if commit {
-                    tx.commit().await.expect("commit");
-                } else {
-                    tx.rollback().await.expect("rollback");
-                }
-            }
+            Self::Postgres(p) => write_in(p, topic, events, commit).await,
         }
     }
 
@@ -108,6 +88,38 @@ impl Db {
                 .expect("row"),
         }
     }
+}
+
+async fn write_in<DB: sqlx::Database>(
+    pool: &sqlx::Pool<DB>,
+    topic: &str,
+    events: &[Envelope],
+    commit: bool,
+) where
+    sqlx::Transaction<'static, DB>: OutboxExecutor,
+{
+    let mut tx = pool.begin().await.expect("begin");
+    for e in events {
+        enqueue(&mut tx, topic, e).await.expect("enqueue");
+    }
+    if commit {
+        tx.commit().await.expect("commit");
+    } else {
+        tx.rollback().await.expect("rollback");
+    }
+}
+
+pub fn nats_url() -> String {
+    std::env::var("EVENTBUS_NATS_URL")
+        .expect("EVENTBUS_NATS_URL (scripts/test.sh starts nats-server)")
+}
+
+/// A bus on the NATS server of `EVENTBUS_NATS_URL`.
+pub async fn nats_bus() -> Bus<eventbus_nats::NatsTransport> {
+    let t = eventbus_nats::NatsTransport::connect(eventbus_nats::NatsConfig::new(nats_url()))
+        .await
+        .expect("connect to NATS");
+    Bus::new(t, eventbus_core::testkit::kit_config()).expect("bus")
 }
 
 pub fn postgres_url() -> String {
