@@ -208,7 +208,13 @@ async fn relay_rate(
     .map_err(|_| "the relay did not finish within 10 minutes".to_string())?
     .map_err(|e| e.to_string())?;
     let rate = all.len() as f64 / start.elapsed().as_secs_f64();
-    relay.stop().await.map_err(|e| e.to_string())?;
+    let m = relay.stop().await.map_err(|e| e.to_string())?;
+    if m.mark_failures > 0 || m.retried > 0 {
+        eprintln!(
+            "  ({database}: {} rounds could not be marked, {} publishes retried)",
+            m.mark_failures, m.retried
+        );
+    }
     Ok(rate)
 }
 
