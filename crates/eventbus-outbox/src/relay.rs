@@ -324,26 +324,19 @@ async fn round<T: Transport>(
     let ids: Vec<i64> = batch.rows.iter().map(|r| r.id).collect();
     let publishes = batch.rows.iter().map(|row| publish(bus, config, row));
     let outcomes = futures_util::future::join_all(publishes).await;
-    let (mut published, mut retried, mut dead) = (0u64, 0u64, 0u64);
+    let (mut published, mut retried) = (0u64, 0u64);
+    let mut dead = Vec::new();
     for (o, row) in outcomes.iter().zip(&batch.rows) {
         match o {
             Outcome::Published { .. } => published += 1,
             Outcome::Failed {
                 dead: true, error, ..
-            } => {
-                dead += 1;
-                let event = DeadEvent {
-                    event_id: row.event_id.clone(),
-                    topic: row.topic.clone(),
-                    error: error.clone(),
-                    attempts: row.attempts + 1,
-                };
-                tracing::error!(event_id = %event.event_id, topic = %event.topic, error = %event.error,
-                    attempts = event.attempts, "outbox row marked dead");
-                if let Some(cb) = &config.on_dead {
-                    (cb.0)(&event);
-                }
-            }
+            } => dead.push(DeadEvent {
+                event_id: row.event_id.clone(),
+                topic: row.topic.clone(),
+                error: error.clone(),
+                attempts: row.attempts + 1,
+            }),
             Outcome::Failed { error, .. } => {
                 retried += 1;
                 tracing::debug!(event_id = %row.event_id, %error, "outbox publish failed; retrying later");
@@ -354,7 +347,15 @@ async fn round<T: Transport>(
         Ok(()) => {
             shared.published.fetch_add(published, Ordering::Relaxed);
             shared.retried.fetch_add(retried, Ordering::Relaxed);
-            shared.dead.fetch_add(dead, Ordering::Relaxed);
+            shared.dead.fetch_add(dead.len() as u64, Ordering::Relaxed);
+            // Reported once the row is marked dead, so a mark that fails reports nothing.
+            for event in &dead {
+                tracing::error!(event_id = %event.event_id, topic = %event.topic, error = %event.error,
+                    attempts = event.attempts, "outbox row marked dead");
+                if let Some(cb) = &config.on_dead {
+                    (cb.0)(event);
+                }
+            }
         }
         Err(e) => {
             shared.mark_failures.fetch_add(1, Ordering::Relaxed);
