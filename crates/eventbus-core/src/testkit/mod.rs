@@ -131,6 +131,15 @@ pub fn kit_timeout() -> Duration {
     Duration::from_secs(secs)
 }
 
+/// Runs `work` under the kit's hang guard: panics naming `what` if it has not finished within
+/// [`kit_timeout`]. It guards against a hang; it asserts nothing about speed.
+pub async fn hang_guard<F: Future>(what: &str, work: F) -> F::Output {
+    match tokio::time::timeout(kit_timeout(), work).await {
+        Ok(out) => out,
+        Err(_) => panic!("timed out waiting for {what}"),
+    }
+}
+
 /// A fresh topic name for one case.
 pub fn unique(name: &str) -> String {
     let id = crate::new_event_id();
