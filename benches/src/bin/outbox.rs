@@ -94,15 +94,18 @@ async fn connect(args: &Args, broker: &str) -> Result<EventBus, String> {
         .map_err(|e| e.to_string())
 }
 
-/// Commits `all` to the outbox of `pool`, 500 per transaction.
-async fn commit_all<DB: sqlx::Database>(
-    pool: &sqlx::Pool<DB>,
+/// The outbox of `pool`, migrated, with `all` committed to it, 500 per transaction.
+async fn fill<DB: sqlx::Database>(
+    pool: sqlx::Pool<DB>,
     all: &[Envelope],
     topic: &str,
-) -> Result<(), String>
+) -> Result<OutboxDb, String>
 where
     sqlx::Transaction<'static, DB>: OutboxExecutor,
+    OutboxDb: From<sqlx::Pool<DB>>,
 {
+    let db = OutboxDb::from(pool.clone());
+    db.migrate().await.map_err(|e| e.to_string())?;
     for chunk in all.chunks(500) {
         let mut tx = pool.begin().await.map_err(|e| e.to_string())?;
         for env in chunk {
@@ -112,7 +115,7 @@ where
         }
         tx.commit().await.map_err(|e| e.to_string())?;
     }
-    Ok(())
+    Ok(db)
 }
 
 /// A fresh, migrated outbox, with the events committed to it.
@@ -135,10 +138,7 @@ async fn outbox_with(
                 .connect_with(opts)
                 .await
                 .map_err(e)?;
-            let db = OutboxDb::from(pool.clone());
-            db.migrate().await.map_err(|e| e.to_string())?;
-            commit_all(&pool, all, topic).await?;
-            Ok(db)
+            fill(pool, all, topic).await
         }
         "postgres" => {
             let admin = args
@@ -157,10 +157,7 @@ async fn outbox_with(
                 .connect(&format!("{base}/{name}"))
                 .await
                 .map_err(e)?;
-            let db = OutboxDb::from(pool.clone());
-            db.migrate().await.map_err(|e| e.to_string())?;
-            commit_all(&pool, all, topic).await?;
-            Ok(db)
+            fill(pool, all, topic).await
         }
         other => Err(format!("unknown database {other:?}")),
     }

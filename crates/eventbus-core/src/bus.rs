@@ -64,14 +64,25 @@ impl Publication {
         // pending publishes holds thousands: keep what they need, not the serialiser's
         // doubled capacity (shrinking in place, no copy with the common allocators).
         payload.shrink_to_fit();
-        Ok(Self {
+        Ok(Self::encoded_envelope(topic, envelope, payload))
+    }
+
+    /// An envelope already encoded, e.g. as an outbox stored it: routing headers and key come
+    /// from `envelope`, the payload is `json` as it is (not validated or encoded again; it
+    /// must be `envelope`'s JSON).
+    pub fn encoded_envelope(
+        topic: impl Into<String>,
+        envelope: &Envelope,
+        json: impl Into<Bytes>,
+    ) -> Self {
+        Self {
             topic: topic.into(),
-            payload: Bytes::from(payload),
+            payload: json.into(),
             event_id: Some(envelope.event_id.clone()),
             aggregate_id: Some(envelope.aggregate_id.clone()),
             headers: envelope.headers(),
             compression: None,
-        })
+        }
     }
 
     /// Sets the event id (default: a new UUIDv7).

@@ -10,6 +10,7 @@ use async_nats::jetstream::{self, context::PublishErrorKind};
 use bytes::Bytes;
 use eventbus_core::{BrokerPosition, ErrorDetail, Headers, Receipt, TransportError};
 
+use crate::naming::partition_subject;
 use crate::transport::nats_message;
 
 /// Wait before republishing after a lost ACK; doubles up to `MAX_REPUBLISH_BACKOFF`.
@@ -58,8 +59,9 @@ fn receipt(ack: &jetstream::publish::PublishAck) -> Receipt {
 /// What republishing a message needs: its parts, moved out of the publish (nothing copied).
 pub(crate) struct Republish {
     pub(crate) context: Arc<jetstream::Context>,
-    /// The partition's subject.
-    pub(crate) subject: String,
+    pub(crate) topic: String,
+    /// The partition it went to; its subject is built again only if it is republished.
+    pub(crate) partition: u16,
     pub(crate) event_id: String,
     pub(crate) headers: Headers,
     pub(crate) payload: Bytes,
@@ -82,11 +84,15 @@ impl Republish {
                 return Err(publish_error(err));
             }
             attempt += 1;
-            tracing::debug!(subject = %self.subject, attempt, error = %err, "publish ACK lost; republishing with the same Nats-Msg-Id");
+            tracing::debug!(topic = %self.topic, partition = self.partition, attempt, error = %err, "publish ACK lost; republishing with the same Nats-Msg-Id");
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_REPUBLISH_BACKOFF);
             let again = nats_message(&self.headers, &self.payload, &self.event_id)?;
-            err = match self.context.send_publish(self.subject.clone(), again).await {
+            err = match self
+                .context
+                .send_publish(partition_subject(&self.topic, self.partition), again)
+                .await
+            {
                 Ok(pending) => match pending.await {
                     Ok(ack) => return Ok(receipt(&ack)),
                     Err(e) => e,

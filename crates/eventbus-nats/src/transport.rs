@@ -393,11 +393,11 @@ impl Transport for NatsTransport {
             None => self.round_robin.fetch_add(1, Ordering::Relaxed) % u32::from(partitions),
         };
         // Below `partitions`, which is a u16.
-        let subject = partition_subject(&topic, u16::try_from(partition).unwrap_or(0));
+        let partition = u16::try_from(partition).unwrap_or(0);
         let context = self.jetstream()?;
         let first = context
             .send_publish(
-                subject.clone(),
+                partition_subject(&topic, partition),
                 nats_message(&headers, &payload, &event_id)?,
             )
             .await
@@ -406,7 +406,8 @@ impl Transport for NatsTransport {
             first.into_future(),
             Republish {
                 context,
-                subject,
+                topic,
+                partition,
                 event_id,
                 headers,
                 payload,

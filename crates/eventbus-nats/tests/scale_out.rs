@@ -58,12 +58,7 @@ fn scale_out_child_instance() {
     let [topic, group, instance, audit] = parts.as_slice() else {
         panic!("{CHILD_ENV}={args:?}: want `topic group instance audit-subject`");
     };
-    // The parent closing our stdin (or dying) ends this process.
-    std::thread::spawn(|| {
-        let mut sink = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
-        std::process::exit(0);
-    });
+    eventbus_core::testkit::exit_when_stdin_closes();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let client = async_nats::connect(nats_url()).await.expect("audit client");

@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use eventbus_core::{Bus, Envelope, Publication, Transport};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
@@ -319,10 +318,14 @@ async fn round<T: Transport>(
     bus: &Bus<T>,
     config: &RelayConfig,
     shared: &Shared,
-    batch: Batch,
+    mut batch: Batch,
 ) -> Vec<i64> {
     let ids: Vec<i64> = batch.rows.iter().map(|r| r.id).collect();
-    let publishes = batch.rows.iter().map(|row| publish(bus, config, row));
+    // Each row's JSON moves into its publication (the row keeps what reporting needs).
+    let publishes = batch.rows.iter_mut().map(|row| {
+        let json = std::mem::take(&mut row.envelope);
+        publish(bus, config, row, json)
+    });
     let outcomes = futures_util::future::join_all(publishes).await;
     let (mut published, mut retried) = (0u64, 0u64);
     let mut dead = Vec::new();
@@ -369,7 +372,12 @@ async fn round<T: Transport>(
     ids
 }
 
-async fn publish<T: Transport>(bus: &Bus<T>, config: &RelayConfig, row: &Claimed) -> Outcome {
+async fn publish<T: Transport>(
+    bus: &Bus<T>,
+    config: &RelayConfig,
+    row: &Claimed,
+    json: String,
+) -> Outcome {
     let failed = |error: String, dead: bool| {
         let attempt = u32::try_from(row.attempts).unwrap_or(u32::MAX);
         let dead = dead || attempt.saturating_add(1) >= config.max_attempts;
@@ -384,18 +392,13 @@ async fn publish<T: Transport>(bus: &Bus<T>, config: &RelayConfig, row: &Claimed
             dead,
         }
     };
-    let envelope = match Envelope::from_json(row.envelope.as_bytes()) {
+    let envelope = match Envelope::from_json(json.as_bytes()) {
         Ok(e) => e,
         Err(e) => return failed(format!("the stored envelope does not decode: {e}"), true),
     };
     // The stored JSON is the payload as it is: decoded for the routing headers only, not
     // encoded again.
-    let mut publication = Publication::new(row.topic.as_str(), Bytes::from(row.envelope.clone()))
-        .event_id(envelope.event_id.as_str())
-        .aggregate_id(envelope.aggregate_id.as_str());
-    for (name, value) in envelope.headers().iter() {
-        publication = publication.header(name, value);
-    }
+    let publication = Publication::encoded_envelope(row.topic.as_str(), &envelope, json);
     match bus.send_and_wait(publication).await {
         Ok(r) => match r.outcome {
             Ok(_) => Outcome::Published { id: row.id },

@@ -52,11 +52,7 @@ fn crash_relay_child() {
     let Ok(url) = std::env::var(CHILD_ENV) else {
         return;
     };
-    std::thread::spawn(|| {
-        let mut sink = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
-        std::process::exit(0);
-    });
+    eventbus_core::testkit::exit_when_stdin_closes();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let db = open(&url).await;

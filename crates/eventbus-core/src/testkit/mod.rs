@@ -140,6 +140,16 @@ pub async fn hang_guard<F: Future>(what: &str, work: F) -> F::Output {
     }
 }
 
+/// For a test's child process (a bus instance or a relay the test kills and restarts): ends
+/// this process when the parent closes its stdin or dies, so no child outlives its test.
+pub fn exit_when_stdin_closes() {
+    std::thread::spawn(|| {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+        std::process::exit(0);
+    });
+}
+
 /// A fresh topic name for one case.
 pub fn unique(name: &str) -> String {
     let id = crate::new_event_id();

@@ -91,6 +91,7 @@ pub(crate) struct Membership {
     /// What the fetcher pulls from now; a partition given up leaves the group only after the
     /// fetcher dropped it from here and its load fell to zero.
     pulling: Arc<Mutex<BTreeSet<u16>>>,
+    /// Sending on it, or dropping it with the membership, tells the coordinator to leave.
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
     /// Bound on waiting for the coordinator to leave.
@@ -119,12 +120,5 @@ impl Membership {
                 );
             }
         }
-    }
-}
-
-impl Drop for Membership {
-    fn drop(&mut self) {
-        // Dropping the stop sender tells the coordinator to leave; it releases on its own.
-        self.stop.take();
     }
 }
