@@ -41,9 +41,12 @@ struct Args {
     /// Runs per pair (medians are reported).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
-    /// Rows per relay round.
+    /// Aggregates per relay round (`RelayConfig::batch_size`).
     #[arg(long, default_value_t = 500)]
     batch: usize,
+    /// Events of one aggregate per relay round (`RelayConfig::per_aggregate`).
+    #[arg(long, default_value_t = RelayConfig::default().per_aggregate)]
+    per_aggregate: usize,
     #[arg(long, env = "EVENTBUS_NATS_URL")]
     nats_url: Option<String>,
     #[arg(long, env = "EVENTBUS_KAFKA_BROKERS")]
@@ -191,6 +194,7 @@ async fn relay_rate(
         bus.clone(),
         RelayConfig {
             batch_size: args.batch,
+            per_aggregate: args.per_aggregate,
             ..RelayConfig::default()
         },
     )
@@ -244,11 +248,12 @@ async fn run(args: &Args) -> Result<(), String> {
         bus.close().await.map_err(|e| e.to_string())?;
     }
     println!(
-        "medians of {} runs; {} events over {} aggregates; relay rounds of {}; kafka = Tansu (Kafka protocol), not Apache Kafka",
+        "medians of {} runs; {} events over {} aggregates; relay rounds of {} aggregates × {} events; kafka = Tansu (Kafka protocol), not Apache Kafka",
         args.repeats.max(1),
         args.events,
         args.aggregates,
-        args.batch
+        args.batch,
+        args.per_aggregate
     );
     Ok(())
 }

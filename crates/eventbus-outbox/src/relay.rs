@@ -46,9 +46,14 @@ impl fmt::Debug for DeadCallback {
 /// How the relay works; every field has a default.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
-    /// Rows claimed and published per round (default 500, the bus's pull batch): at most one
-    /// per aggregate, the oldest pending event of each.
+    /// Aggregates claimed per round (default 500, the bus's pull batch): the oldest pending
+    /// event of each, followed by up to `per_aggregate - 1` of its next pending events.
     pub batch_size: usize,
+    /// Events of one aggregate published per round at most (default 16), one after another:
+    /// each is published once the broker acknowledged the one before it, and a failure ends
+    /// the aggregate's run there, so broker order stays outbox order. A round takes at most
+    /// `batch_size × per_aggregate` rows; 1 publishes one event per aggregate per round.
+    pub per_aggregate: usize,
     /// With nothing to do, look again after this long even without a wake-up (default 1 s):
     /// the fallback when a wake-up is missed, and how retries that come due are found.
     pub poll_interval: Duration,
@@ -74,6 +79,7 @@ impl Default for RelayConfig {
     fn default() -> Self {
         Self {
             batch_size: 500,
+            per_aggregate: 16,
             poll_interval: Duration::from_secs(1),
             max_attempts: 10,
             initial_backoff: Duration::from_millis(200),
@@ -98,6 +104,8 @@ pub struct RelayMetrics {
     /// Rounds whose marks could not be written (their rows are published again later, with
     /// the same `event_id`).
     pub mark_failures: u64,
+    /// Rounds run (each claimed at least one row, published it and wrote the outcomes).
+    pub rounds: u64,
 }
 
 struct Shared {
@@ -107,6 +115,7 @@ struct Shared {
     retried: AtomicU64,
     dead: AtomicU64,
     mark_failures: AtomicU64,
+    rounds: AtomicU64,
     /// The metrics after every round, for waiting on progress.
     progress: watch::Sender<RelayMetrics>,
 }
@@ -120,6 +129,7 @@ impl Default for Shared {
             retried: AtomicU64::new(0),
             dead: AtomicU64::new(0),
             mark_failures: AtomicU64::new(0),
+            rounds: AtomicU64::new(0),
             progress: watch::channel(RelayMetrics::default()).0,
         }
     }
@@ -153,10 +163,14 @@ impl Relay {
         bus: Bus<T>,
         config: RelayConfig,
     ) -> Result<Self, OutboxError> {
-        if config.batch_size == 0 || config.max_attempts == 0 || config.poll_interval.is_zero() {
+        if config.batch_size == 0
+            || config.per_aggregate == 0
+            || config.max_attempts == 0
+            || config.poll_interval.is_zero()
+        {
             return Err(OutboxError::new(
                 OutboxErrorKind::Config,
-                "batch_size, max_attempts and poll_interval must be above zero",
+                "batch_size, per_aggregate, max_attempts and poll_interval must be above zero",
             ));
         }
         let shared = Arc::new(Shared::default());
@@ -229,6 +243,7 @@ fn snapshot(s: &Shared) -> RelayMetrics {
         retried: s.retried.load(Ordering::Relaxed),
         dead: s.dead.load(Ordering::Relaxed),
         mark_failures: s.mark_failures.load(Ordering::Relaxed),
+        rounds: s.rounds.load(Ordering::Relaxed),
     }
 }
 
@@ -236,8 +251,9 @@ fn snapshot(s: &Shared) -> RelayMetrics {
 const CLEANUP_LIMIT: i64 = 10_000;
 
 /// Rounds in flight at once: while one round's marks are written, the next is claimed and
-/// published. A round never holds a row of an aggregate that has a row in the other (the
-/// claim takes only heads, and rows in flight are still pending), so order holds.
+/// published. A round never holds a row of an aggregate that has a row in the other (a run
+/// begins at its aggregate's head, heads in flight are not claimed again, and rows in flight
+/// are still pending, so their successors are not heads), so order holds.
 const ROUNDS_IN_FLIGHT: usize = 2;
 
 async fn run<T: Transport>(db: OutboxDb, bus: Bus<T>, config: RelayConfig, shared: Arc<Shared>) {
@@ -245,9 +261,9 @@ async fn run<T: Transport>(db: OutboxDb, bus: Bus<T>, config: RelayConfig, share
 
     let mut listener = Listener::start(&db).await;
     let mut next_cleanup = tokio::time::Instant::now();
-    let limit = i64::try_from(config.batch_size).unwrap_or(i64::MAX);
     let mut rounds = FuturesUnordered::new();
-    // Rows of the rounds in flight: not claimed again.
+    // Heads of the runs in flight: not claimed again (their successors cannot be heads
+    // while they are pending).
     let mut in_flight: HashSet<i64> = HashSet::new();
     // The last claim found fewer heads than it could take: new ones appear when a round's
     // marks commit (or rows are inserted), so wait for a round before claiming again rather
@@ -275,7 +291,12 @@ async fn run<T: Transport>(db: OutboxDb, bus: Bus<T>, config: RelayConfig, share
             }
         }
         // Claim while the rounds in flight go on.
-        let claim = db.claim(crate::now_ms(), limit, in_flight.clone());
+        let claim = db.claim(
+            crate::now_ms(),
+            config.batch_size,
+            config.per_aggregate,
+            in_flight.clone(),
+        );
         tokio::pin!(claim);
         let claimed = loop {
             tokio::select! {
@@ -291,8 +312,8 @@ async fn run<T: Transport>(db: OutboxDb, bus: Bus<T>, config: RelayConfig, share
                 continue;
             }
         };
-        exhausted = batch.rows.len() < config.batch_size;
-        if batch.rows.is_empty() {
+        exhausted = batch.runs.len() < config.batch_size;
+        if batch.runs.is_empty() {
             drop(batch);
             if rounds.is_empty() {
                 idle(&shared, &mut listener, config.poll_interval).await;
@@ -301,7 +322,13 @@ async fn run<T: Transport>(db: OutboxDb, bus: Bus<T>, config: RelayConfig, share
             }
             continue;
         }
-        in_flight.extend(batch.rows.iter().map(|r| r.id));
+        in_flight.extend(
+            batch
+                .runs
+                .iter()
+                .filter_map(|run| run.first())
+                .map(|r| r.id),
+        );
         rounds.push(round(&db, &bus, &config, &shared, batch));
     }
 }
@@ -312,7 +339,8 @@ fn forget(in_flight: &mut HashSet<i64>, done: Vec<i64>) {
     }
 }
 
-/// Publishes a claimed batch, each row once, concurrently, and marks the outcomes.
+/// Publishes a claimed batch, the runs concurrently, each run's rows one after another, and
+/// marks the outcomes. Returns the heads of its runs.
 async fn round<T: Transport>(
     db: &OutboxDb,
     bus: &Bus<T>,
@@ -320,30 +348,27 @@ async fn round<T: Transport>(
     shared: &Shared,
     mut batch: Batch,
 ) -> Vec<i64> {
-    let ids: Vec<i64> = batch.rows.iter().map(|r| r.id).collect();
-    // Each row's JSON moves into its publication (the row keeps what reporting needs).
-    let publishes = batch.rows.iter_mut().map(|row| {
-        let json = std::mem::take(&mut row.envelope);
-        publish(bus, config, row, json)
-    });
-    let outcomes = futures_util::future::join_all(publishes).await;
+    let heads: Vec<i64> = batch
+        .runs
+        .iter()
+        .filter_map(|run| run.first())
+        .map(|r| r.id)
+        .collect();
+    let runs = batch
+        .runs
+        .iter_mut()
+        .map(|run| publish_run(bus, config, shared, run));
+    let (mut outcomes, mut dead) = (Vec::new(), Vec::new());
+    for (o, d) in futures_util::future::join_all(runs).await {
+        outcomes.extend(o);
+        dead.extend(d);
+    }
     let (mut published, mut retried) = (0u64, 0u64);
-    let mut dead = Vec::new();
-    for (o, row) in outcomes.iter().zip(&batch.rows) {
+    for o in &outcomes {
         match o {
             Outcome::Published { .. } => published += 1,
-            Outcome::Failed {
-                dead: true, error, ..
-            } => dead.push(DeadEvent {
-                event_id: row.event_id.clone(),
-                topic: row.topic.clone(),
-                error: error.clone(),
-                attempts: row.attempts + 1,
-            }),
-            Outcome::Failed { error, .. } => {
-                retried += 1;
-                tracing::debug!(event_id = %row.event_id, %error, "outbox publish failed; retrying later");
-            }
+            Outcome::Failed { dead: false, .. } => retried += 1,
+            Outcome::Failed { dead: true, .. } => {}
         }
     }
     match db.finish(batch, &outcomes, crate::now_ms()).await {
@@ -368,8 +393,53 @@ async fn round<T: Transport>(
             tracing::warn!(error = %e, "outbox relay cannot mark its round; it will be published again");
         }
     }
+    shared.rounds.fetch_add(1, Ordering::Relaxed);
     shared.progress.send_replace(snapshot(shared));
-    ids
+    heads
+}
+
+/// Publishes one aggregate's run in order: each row after the broker acknowledged the one
+/// before it. A failure (or a stop) ends the run; the rows after it are left pending,
+/// untouched, and wait for it.
+async fn publish_run<T: Transport>(
+    bus: &Bus<T>,
+    config: &RelayConfig,
+    shared: &Shared,
+    run: &mut [Claimed],
+) -> (Vec<Outcome>, Vec<DeadEvent>) {
+    let mut outcomes = Vec::with_capacity(run.len());
+    let mut dead = Vec::new();
+    for (i, row) in run.iter_mut().enumerate() {
+        if i > 0 && shared.stopping.load(Ordering::Acquire) {
+            break;
+        }
+        // The row's JSON moves into its publication (the row keeps what reporting needs).
+        let json = std::mem::take(&mut row.envelope);
+        let outcome = publish(bus, config, row, json).await;
+        let failed = match &outcome {
+            Outcome::Published { .. } => false,
+            Outcome::Failed {
+                dead: true, error, ..
+            } => {
+                dead.push(DeadEvent {
+                    event_id: row.event_id.clone(),
+                    topic: row.topic.clone(),
+                    error: error.clone(),
+                    attempts: row.attempts + 1,
+                });
+                true
+            }
+            Outcome::Failed { error, .. } => {
+                tracing::debug!(event_id = %row.event_id, %error, "outbox publish failed; retrying later");
+                true
+            }
+        };
+        outcomes.push(outcome);
+        if failed {
+            break;
+        }
+    }
+    (outcomes, dead)
 }
 
 async fn publish<T: Transport>(

@@ -111,6 +111,8 @@ pub(crate) struct Claimed {
     pub(crate) event_id: String,
     pub(crate) envelope: String,
     pub(crate) attempts: i64,
+    pub(crate) aggregate_id: String,
+    pub(crate) next_attempt_at: i64,
 }
 
 /// What publishing a claimed row came to.
@@ -126,10 +128,13 @@ pub(crate) enum Outcome {
     },
 }
 
-/// A claimed batch; on PostgreSQL its rows stay locked (`FOR UPDATE SKIP LOCKED`) until it is
-/// finished, so another relay never publishes them at the same time.
+/// A claimed batch: runs of consecutive pending rows, one run per aggregate, each beginning
+/// with the aggregate's oldest pending row (its head). On PostgreSQL the heads stay locked
+/// (`FOR UPDATE SKIP LOCKED`) until the batch is finished: a relay publishes an aggregate's
+/// rows only while it holds that aggregate's head, so another relay never publishes them at
+/// the same time.
 pub(crate) struct Batch {
-    pub(crate) rows: Vec<Claimed>,
+    pub(crate) runs: Vec<Vec<Claimed>>,
     lock: Lock,
 }
 
@@ -155,25 +160,68 @@ pub struct OutboxStats {
 
 /// Heads of their aggregate's pending rows only: a later event waits while an earlier one of
 /// the same aggregate is pending or failing, so broker order is outbox order.
-const HEADS: &str = "SELECT o.id, o.topic, o.event_id, o.envelope, o.attempts \
-    FROM eventbus_outbox o \
+const HEADS: &str = "SELECT o.id, o.topic, o.event_id, o.envelope, o.attempts, o.aggregate_id, \
+    o.next_attempt_at FROM eventbus_outbox o \
     WHERE o.state = 0 AND o.next_attempt_at <= {now} \
     AND NOT EXISTS (SELECT 1 FROM eventbus_outbox e \
         WHERE e.state = 0 AND e.aggregate_id = o.aggregate_id AND e.id < o.id) \
     ORDER BY o.id LIMIT {limit}";
 
-type RowTuple = (i64, String, String, String, i64);
+/// The pending rows that follow each head of `h(agg, head)`, at most `{limit}` per aggregate,
+/// in id order (each an index range scan: the pending index is `(aggregate_id, id)`). No row
+/// locks: the head's lock guards its successors (see [`Batch`]).
+#[cfg(feature = "sqlite")]
+const SQLITE_SUCCESSORS: &str = "SELECT e.id, e.topic, e.event_id, e.envelope, e.attempts, \
+    e.aggregate_id, e.next_attempt_at FROM h JOIN eventbus_outbox e ON e.id IN \
+    (SELECT x.id FROM eventbus_outbox x WHERE x.aggregate_id = h.agg AND x.state = 0 \
+        AND x.id > h.head ORDER BY x.id LIMIT {limit}) \
+    ORDER BY e.id";
+#[cfg(feature = "postgres")]
+const POSTGRES_SUCCESSORS: &str = "SELECT e.id, e.topic, e.event_id, e.envelope, e.attempts, \
+    e.aggregate_id, e.next_attempt_at FROM unnest($1::text[], $2::bigint[]) AS h(agg, head) \
+    CROSS JOIN LATERAL (SELECT x.* FROM eventbus_outbox x WHERE x.aggregate_id = h.agg \
+        AND x.state = 0 AND x.id > h.head ORDER BY x.id LIMIT $3) e \
+    ORDER BY e.id";
+
+/// Ids published per `UPDATE` at most (SQLite binds one parameter per id).
+const MARK_CHUNK: usize = 5_000;
+
+type RowTuple = (i64, String, String, String, i64, String, i64);
 
 fn claimed(rows: Vec<RowTuple>) -> Vec<Claimed> {
     rows.into_iter()
-        .map(|(id, topic, event_id, envelope, attempts)| Claimed {
-            id,
-            topic,
-            event_id,
-            envelope,
-            attempts,
-        })
+        .map(
+            |(id, topic, event_id, envelope, attempts, aggregate_id, next_attempt_at)| Claimed {
+                id,
+                topic,
+                event_id,
+                envelope,
+                attempts,
+                aggregate_id,
+                next_attempt_at,
+            },
+        )
         .collect()
+}
+
+/// Appends each successor (in id order) to its aggregate's run; a successor that is not due
+/// yet ends its run there (the rows after it wait for it).
+fn extend_runs(runs: &mut [Vec<Claimed>], successors: Vec<Claimed>, now: i64) {
+    let mut open: std::collections::HashMap<String, usize> = runs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, run)| run.first().map(|head| (head.aggregate_id.clone(), i)))
+        .collect();
+    for row in successors {
+        let Some(&i) = open.get(&row.aggregate_id) else {
+            continue;
+        };
+        if row.next_attempt_at > now {
+            open.remove(&row.aggregate_id);
+            continue;
+        }
+        runs[i].push(row);
+    }
 }
 
 impl OutboxDb {
@@ -200,25 +248,35 @@ impl OutboxDb {
         done.map_err(|e| OutboxError::database("creating the outbox table", e))
     }
 
-    /// Claims up to `limit` due rows, heads of their aggregates, oldest first, leaving out
-    /// `in_flight` (rows of rounds still under way; on PostgreSQL their locks skip them too).
+    /// Claims up to `heads` due heads of their aggregates, oldest first, leaving out
+    /// `in_flight` (heads of rounds still under way; on PostgreSQL their locks skip them too),
+    /// each followed by up to `per_aggregate - 1` of its aggregate's next pending rows.
     pub(crate) async fn claim(
         &self,
         now: i64,
-        limit: i64,
+        heads: usize,
+        per_aggregate: usize,
         in_flight: std::collections::HashSet<i64>,
     ) -> Result<Batch, OutboxError> {
-        let mut batch = self
-            .claim_heads(now, limit + i64::try_from(in_flight.len()).unwrap_or(0))
-            .await?;
-        batch.rows.retain(|r| !in_flight.contains(&r.id));
-        batch
-            .rows
-            .truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        let limit = i64::try_from(heads.saturating_add(in_flight.len())).unwrap_or(i64::MAX);
+        let (mut rows, lock) = self.claim_heads(now, limit).await?;
+        rows.retain(|r| !in_flight.contains(&r.id));
+        rows.truncate(heads);
+        let mut runs: Vec<Vec<Claimed>> = rows.into_iter().map(|r| vec![r]).collect();
+        let successors = i64::try_from(per_aggregate.saturating_sub(1)).unwrap_or(i64::MAX);
+        let mut batch = Batch {
+            runs: Vec::new(),
+            lock,
+        };
+        if successors > 0 && !runs.is_empty() {
+            let found = self.successors(&mut batch.lock, &runs, successors).await?;
+            extend_runs(&mut runs, found, now);
+        }
+        batch.runs = runs;
         Ok(batch)
     }
 
-    async fn claim_heads(&self, now: i64, limit: i64) -> Result<Batch, OutboxError> {
+    async fn claim_heads(&self, now: i64, limit: i64) -> Result<(Vec<Claimed>, Lock), OutboxError> {
         let failed = |e| OutboxError::database("claiming outbox rows", e);
         match self {
             #[cfg(feature = "sqlite")]
@@ -230,10 +288,7 @@ impl OutboxDb {
                     .fetch_all(p)
                     .await
                     .map_err(failed)?;
-                Ok(Batch {
-                    rows: claimed(rows),
-                    lock: Lock::None,
-                })
+                Ok((claimed(rows), Lock::None))
             }
             #[cfg(feature = "postgres")]
             Self::Postgres(p) => {
@@ -248,11 +303,59 @@ impl OutboxDb {
                     .fetch_all(&mut *tx)
                     .await
                     .map_err(failed)?;
-                Ok(Batch {
-                    rows: claimed(rows),
-                    lock: Lock::Postgres(tx),
-                })
+                Ok((claimed(rows), Lock::Postgres(tx)))
             }
+        }
+    }
+
+    /// Up to `limit` pending rows after each run's head, in id order (on PostgreSQL in the
+    /// claim's transaction).
+    async fn successors(
+        &self,
+        lock: &mut Lock,
+        runs: &[Vec<Claimed>],
+        limit: i64,
+    ) -> Result<Vec<Claimed>, OutboxError> {
+        let failed = |e| OutboxError::database("claiming outbox rows", e);
+        let heads = runs.iter().filter_map(|run| run.first());
+        match (self, lock) {
+            #[cfg(feature = "sqlite")]
+            (Self::Sqlite(p), _) => {
+                let mut q =
+                    sqlx::QueryBuilder::<sqlx::Sqlite>::new("WITH h(agg, head) AS (VALUES ");
+                let mut values = q.separated(", ");
+                for head in heads {
+                    values.push("(");
+                    values.push_bind_unseparated(head.aggregate_id.as_str());
+                    values.push_unseparated(", ");
+                    values.push_bind_unseparated(head.id);
+                    values.push_unseparated(")");
+                }
+                // The limit is the relay's own number, written in: it sits inside the
+                // correlated subquery.
+                q.push(") ")
+                    .push(SQLITE_SUCCESSORS.replace("{limit}", &limit.to_string()));
+                let rows: Vec<RowTuple> = q.build_query_as().fetch_all(p).await.map_err(failed)?;
+                Ok(claimed(rows))
+            }
+            #[cfg(feature = "postgres")]
+            (Self::Postgres(_), Lock::Postgres(tx)) => {
+                let (aggs, ids): (Vec<&str>, Vec<i64>) =
+                    heads.map(|h| (h.aggregate_id.as_str(), h.id)).unzip();
+                let rows: Vec<RowTuple> = sqlx::query_as(POSTGRES_SUCCESSORS)
+                    .bind(aggs)
+                    .bind(ids)
+                    .bind(limit)
+                    .fetch_all(&mut **tx)
+                    .await
+                    .map_err(failed)?;
+                Ok(claimed(rows))
+            }
+            #[cfg(all(feature = "postgres", feature = "sqlite"))]
+            (Self::Postgres(_), Lock::None) => Err(OutboxError::new(
+                crate::OutboxErrorKind::Database,
+                "a PostgreSQL batch without its claim transaction",
+            )),
         }
     }
 
@@ -272,11 +375,11 @@ impl OutboxDb {
             })
             .collect();
         // One transaction: the claim's on PostgreSQL (its row locks end with it), a new one
-        // on SQLite. Published rows in one statement, failures one by one.
+        // on SQLite. Published rows in a statement per chunk, failures one by one.
         macro_rules! write_outcomes {
-            ($tx:ident, $published:expr, $failed_sql:expr) => {{
-                if let Some(q) = $published {
-                    q.execute(&mut *$tx).await.map_err(failed)?;
+            ($tx:ident, |$chunk:ident| $published:expr, $failed_sql:expr) => {{
+                for $chunk in published.chunks(MARK_CHUNK) {
+                    $published.execute(&mut *$tx).await.map_err(failed)?;
                 }
                 for o in outcomes {
                     if let Outcome::Failed {
@@ -303,18 +406,20 @@ impl OutboxDb {
             #[cfg(feature = "sqlite")]
             (Self::Sqlite(p), _) => {
                 let mut tx = p.begin().await.map_err(failed)?;
-                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                    "UPDATE eventbus_outbox SET state = 1, published_at = ",
-                );
-                q.push_bind(now).push(" WHERE id IN (");
-                let mut ids = q.separated(", ");
-                for id in &published {
-                    ids.push_bind(*id);
-                }
-                q.push(")");
+                let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new("");
                 write_outcomes!(
                     tx,
-                    (!published.is_empty()).then(|| q.build()),
+                    |chunk| {
+                        q.reset();
+                        q.push("UPDATE eventbus_outbox SET state = 1, published_at = ");
+                        q.push_bind(now).push(" WHERE id IN (");
+                        let mut ids = q.separated(", ");
+                        for id in chunk {
+                            ids.push_bind(*id);
+                        }
+                        q.push(")");
+                        q.build()
+                    },
                     "UPDATE eventbus_outbox SET attempts = attempts + 1, last_error = ?, \
                      next_attempt_at = ?, state = ? WHERE id = ?"
                 )
@@ -322,13 +427,11 @@ impl OutboxDb {
             #[cfg(feature = "postgres")]
             (Self::Postgres(_), Lock::Postgres(mut tx)) => write_outcomes!(
                 tx,
-                (!published.is_empty()).then(|| {
-                    sqlx::query(
-                        "UPDATE eventbus_outbox SET state = 1, published_at = $1 WHERE id = ANY($2)",
-                    )
-                    .bind(now)
-                    .bind(&published)
-                }),
+                |chunk| sqlx::query(
+                    "UPDATE eventbus_outbox SET state = 1, published_at = $1 WHERE id = ANY($2)",
+                )
+                .bind(now)
+                .bind(chunk),
                 "UPDATE eventbus_outbox SET attempts = attempts + 1, last_error = $1, \
                  next_attempt_at = $2, state = $3 WHERE id = $4"
             ),

@@ -31,6 +31,16 @@ async fn order_kept_when_an_earlier_event_fails() {
     common::order_kept_when_an_earlier_event_fails(Db::postgres().await).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_of_one_aggregate_takes_few_rounds() {
+    common::backlog_of_one_aggregate_takes_few_rounds(Db::postgres().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_kept_when_an_event_inside_a_run_fails() {
+    common::order_kept_when_an_event_inside_a_run_fails(Db::postgres().await).await;
+}
+
 /// Two relays on one table never publish one row at the same time, and between them publish
 /// every row exactly once (`FOR UPDATE SKIP LOCKED`; each relay has its own bus).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

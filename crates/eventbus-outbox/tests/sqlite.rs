@@ -28,3 +28,13 @@ async fn dead_after_max_attempts() {
 async fn order_kept_when_an_earlier_event_fails() {
     common::order_kept_when_an_earlier_event_fails(Db::sqlite().await).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_of_one_aggregate_takes_few_rounds() {
+    common::backlog_of_one_aggregate_takes_few_rounds(Db::sqlite().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_kept_when_an_event_inside_a_run_fails() {
+    common::order_kept_when_an_event_inside_a_run_fails(Db::sqlite().await).await;
+}
