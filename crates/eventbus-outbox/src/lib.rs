@@ -6,8 +6,10 @@
 //! `event_id` as the idempotency key, and marks a row published **only from the broker's
 //! answer** to that exact message ([`eventbus_core::PublishResult`]). A failed publish is retried
 //! with backoff; after the configured attempts the row is marked dead and reported. Per
-//! aggregate, a later event is not published while an earlier one is pending or failing, so
-//! the broker's order is the outbox's order.
+//! aggregate, a later event is published only after the broker acknowledged every earlier
+//! one (never while an earlier one is unacknowledged or failing), so the broker's order is the
+//! outbox's order; a round publishes a run of each aggregate's consecutive events, one ACK
+//! apart, rather than one event per aggregate.
 //!
 //! Databases: SQLite (feature `sqlite`, the default; one relay per database) and PostgreSQL
 //! (feature `postgres`; several relays share the table with `FOR UPDATE SKIP LOCKED` and

@@ -47,13 +47,16 @@ impl fmt::Debug for DeadCallback {
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
     /// Aggregates claimed per round (default 500, the bus's pull batch): the oldest pending
-    /// event of each, followed by up to `per_aggregate - 1` of its next pending events.
+    /// event of each (its head), followed by its next pending events (see `round_rows`).
     pub batch_size: usize,
-    /// Events of one aggregate published per round at most (default 16), one after another:
-    /// each is published once the broker acknowledged the one before it, and a failure ends
-    /// the aggregate's run there, so broker order stays outbox order. A round takes at most
-    /// `batch_size × per_aggregate` rows; 1 publishes one event per aggregate per round.
-    pub per_aggregate: usize,
+    /// Rows claimed per round at most (default 8,000: 16 events of each of 500 aggregates),
+    /// the bound on the envelopes a round holds in memory. Each aggregate claimed gets an
+    /// equal share, its head included (at least the head): 16 events each for 500
+    /// aggregates, all 8,000 for a backlog of one. An aggregate's events are published one
+    /// after another — each once the broker acknowledged the one before it — and a failure
+    /// ends the aggregate's run there, so broker order stays outbox order. Set it to
+    /// `batch_size` or less for one event per aggregate per round.
+    pub round_rows: usize,
     /// With nothing to do, look again after this long even without a wake-up (default 1 s):
     /// the fallback when a wake-up is missed, and how retries that come due are found.
     pub poll_interval: Duration,
@@ -79,7 +82,7 @@ impl Default for RelayConfig {
     fn default() -> Self {
         Self {
             batch_size: 500,
-            per_aggregate: 16,
+            round_rows: 8_000,
             poll_interval: Duration::from_secs(1),
             max_attempts: 10,
             initial_backoff: Duration::from_millis(200),
@@ -164,13 +167,13 @@ impl Relay {
         config: RelayConfig,
     ) -> Result<Self, OutboxError> {
         if config.batch_size == 0
-            || config.per_aggregate == 0
+            || config.round_rows == 0
             || config.max_attempts == 0
             || config.poll_interval.is_zero()
         {
             return Err(OutboxError::new(
                 OutboxErrorKind::Config,
-                "batch_size, per_aggregate, max_attempts and poll_interval must be above zero",
+                "batch_size, round_rows, max_attempts and poll_interval must be above zero",
             ));
         }
         let shared = Arc::new(Shared::default());
@@ -250,6 +253,12 @@ fn snapshot(s: &Shared) -> RelayMetrics {
 /// Rows deleted per cleanup run at most.
 const CLEANUP_LIMIT: i64 = 10_000;
 
+/// A run starts no new publish once its round has been publishing for this long: the round
+/// then writes its marks, so a long run (a backlog of one aggregate on a broker with slow
+/// ACKs) never keeps published rows unmarked — and the lag they show — for longer than this
+/// plus one ACK. The rest of the run waits for the next round.
+const ROUND_PUBLISH_LIMIT: Duration = Duration::from_secs(1);
+
 /// Rounds in flight at once: while one round's marks are written, the next is claimed and
 /// published. A round never holds a row of an aggregate that has a row in the other (a run
 /// begins at its aggregate's head, heads in flight are not claimed again, and rows in flight
@@ -291,10 +300,11 @@ async fn run<T: Transport>(db: OutboxDb, bus: Bus<T>, config: RelayConfig, share
             }
         }
         // Claim while the rounds in flight go on.
+        let claim_started = std::time::Instant::now();
         let claim = db.claim(
             crate::now_ms(),
             config.batch_size,
-            config.per_aggregate,
+            config.round_rows,
             in_flight.clone(),
         );
         tokio::pin!(claim);
@@ -312,6 +322,12 @@ async fn run<T: Transport>(db: OutboxDb, bus: Bus<T>, config: RelayConfig, share
                 continue;
             }
         };
+        tracing::trace!(
+            runs = batch.runs.len(),
+            rows = batch.runs.iter().map(Vec::len).sum::<usize>(),
+            elapsed = ?claim_started.elapsed(),
+            "outbox claim"
+        );
         exhausted = batch.runs.len() < config.batch_size;
         if batch.runs.is_empty() {
             drop(batch);
@@ -354,10 +370,12 @@ async fn round<T: Transport>(
         .filter_map(|run| run.first())
         .map(|r| r.id)
         .collect();
+    let started = std::time::Instant::now();
+    let deadline = started + ROUND_PUBLISH_LIMIT;
     let runs = batch
         .runs
         .iter_mut()
-        .map(|run| publish_run(bus, config, shared, run));
+        .map(|run| publish_run(bus, config, shared, run, deadline));
     let (mut outcomes, mut dead) = (Vec::new(), Vec::new());
     for (o, d) in futures_util::future::join_all(runs).await {
         outcomes.extend(o);
@@ -371,7 +389,15 @@ async fn round<T: Transport>(
             Outcome::Failed { dead: true, .. } => {}
         }
     }
-    match db.finish(batch, &outcomes, crate::now_ms()).await {
+    let published_in = started.elapsed();
+    let finished = db.finish(batch, &outcomes, crate::now_ms()).await;
+    tracing::trace!(
+        rows = outcomes.len(),
+        publish = ?published_in,
+        mark = ?started.elapsed().saturating_sub(published_in),
+        "outbox round"
+    );
+    match finished {
         Ok(()) => {
             shared.published.fetch_add(published, Ordering::Relaxed);
             shared.retried.fetch_add(retried, Ordering::Relaxed);
@@ -399,18 +425,21 @@ async fn round<T: Transport>(
 }
 
 /// Publishes one aggregate's run in order: each row after the broker acknowledged the one
-/// before it. A failure (or a stop) ends the run; the rows after it are left pending,
-/// untouched, and wait for it.
+/// before it. A failure, a stop or the round's `deadline` ends the run; the rows after it are
+/// left pending, untouched, and wait for it.
 async fn publish_run<T: Transport>(
     bus: &Bus<T>,
     config: &RelayConfig,
     shared: &Shared,
     run: &mut [Claimed],
+    deadline: std::time::Instant,
 ) -> (Vec<Outcome>, Vec<DeadEvent>) {
     let mut outcomes = Vec::with_capacity(run.len());
     let mut dead = Vec::new();
     for (i, row) in run.iter_mut().enumerate() {
-        if i > 0 && shared.stopping.load(Ordering::Acquire) {
+        if i > 0
+            && (shared.stopping.load(Ordering::Acquire) || std::time::Instant::now() >= deadline)
+        {
             break;
         }
         // The row's JSON moves into its publication (the row keeps what reporting needs).

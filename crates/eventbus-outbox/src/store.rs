@@ -250,12 +250,13 @@ impl OutboxDb {
 
     /// Claims up to `heads` due heads of their aggregates, oldest first, leaving out
     /// `in_flight` (heads of rounds still under way; on PostgreSQL their locks skip them too),
-    /// each followed by up to `per_aggregate - 1` of its aggregate's next pending rows.
+    /// each followed by its aggregate's next pending rows: `rows` in all at most, an equal
+    /// share per aggregate (at least its head).
     pub(crate) async fn claim(
         &self,
         now: i64,
         heads: usize,
-        per_aggregate: usize,
+        row_budget: usize,
         in_flight: std::collections::HashSet<i64>,
     ) -> Result<Batch, OutboxError> {
         let limit = i64::try_from(heads.saturating_add(in_flight.len())).unwrap_or(i64::MAX);
@@ -263,7 +264,8 @@ impl OutboxDb {
         rows.retain(|r| !in_flight.contains(&r.id));
         rows.truncate(heads);
         let mut runs: Vec<Vec<Claimed>> = rows.into_iter().map(|r| vec![r]).collect();
-        let successors = i64::try_from(per_aggregate.saturating_sub(1)).unwrap_or(i64::MAX);
+        let share = row_budget.checked_div(runs.len()).unwrap_or(0).max(1);
+        let successors = i64::try_from(share - 1).unwrap_or(i64::MAX);
         let mut batch = Batch {
             runs: Vec::new(),
             lock,
