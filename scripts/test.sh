@@ -34,6 +34,9 @@ cargo run --locked -q -p eventbus-examples --example ordered_consumer
 cargo run --locked -q -p eventbus-examples --example broker_swap
 EVENTBUS_URL="$EVENTBUS_NATS_URL" cargo run --locked -q -p eventbus-examples --example broker_swap
 EVENTBUS_URL="kafka://$EVENTBUS_KAFKA_BROKERS" cargo run --locked -q -p eventbus-examples --example broker_swap
+# The same, configured from a file (and the URL from the environment over it).
+EVENTBUS_CONFIG=examples/eventbus.toml cargo run --locked -q -p eventbus-examples --example broker_swap
+EVENTBUS_CONFIG=examples/eventbus.toml EVENTBUS_URL="$EVENTBUS_NATS_URL" cargo run --locked -q -p eventbus-examples --example broker_swap
 cargo run --locked -q -p eventbus-examples --example outbox
 EVENTBUS_URL="$EVENTBUS_NATS_URL" cargo run --locked -q -p eventbus-examples --example outbox
 

@@ -1,8 +1,12 @@
-//! The same application code on any backend, chosen by configuration only:
+//! The same application code on any backend, chosen by configuration only — a file, the
+//! environment, or both (`eventbus::Config::from_env`):
 //!
 //! ```text
 //! cargo run -p eventbus-examples --example broker_swap                        # memory://
 //! EVENTBUS_URL=nats://127.0.0.1:14222 cargo run -p eventbus-examples --example broker_swap
+//! EVENTBUS_CONFIG=examples/eventbus.toml cargo run -p eventbus-examples --example broker_swap
+//! EVENTBUS_CONFIG=examples/eventbus.toml EVENTBUS_URL=kafka://127.0.0.1:19092 \
+//!     cargo run -p eventbus-examples --example broker_swap
 //! ```
 //!
 //! It publishes 2,000 envelopes over 50 accounts, consumes them with per-account order
@@ -12,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use eventbus::{BackendConfig, BusConfig, BusError, Envelope, EventBus, HandlerError};
+use eventbus::{BusError, Envelope, EventBus, HandlerError};
 
 const ACCOUNTS: usize = 50;
 const VERSIONS: i64 = 40;
@@ -60,8 +64,9 @@ async fn run(bus: &EventBus, topic: &str) -> Result<(usize, usize), BusError> {
 
 #[tokio::main]
 async fn main() -> Result<(), BusError> {
-    let url = std::env::var("EVENTBUS_URL").unwrap_or_else(|_| "memory://".into());
-    let bus = eventbus::connect(BackendConfig::from_url(&url)?, BusConfig::default()).await?;
+    // EVENTBUS_CONFIG names a TOML file, EVENTBUS_URL and EVENTBUS_<TABLE>__<SETTING>
+    // override it; without either, memory:// and every default.
+    let bus = eventbus::Config::from_env()?.connect().await?;
     let topic = format!(
         "ledger-{}",
         &eventbus::Envelope::new("x", "x", 1, serde_json::Value::Null).event_id[24..]

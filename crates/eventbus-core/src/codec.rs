@@ -8,8 +8,9 @@ use crate::headers::{self, Headers};
 /// Header value marking an LZ4 block (size-prepended) payload.
 pub const LZ4: &str = "lz4";
 
-/// How payloads are compressed on publish.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How payloads are compressed on publish (`"none"` or `"lz4"` in configuration files).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Compression {
     /// Payloads are sent as they are.
     #[default]

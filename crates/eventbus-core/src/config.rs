@@ -1,10 +1,15 @@
 //! Configuration with the defaults of the design contract (`shared/DESIGN.md` §1).
 //!
 //! Every struct has public fields, a `Default` with the documented values, and chained
-//! `with_*` setters for the common knobs.
+//! `with_*` setters for the common knobs. Each also deserializes with serde (from a TOML file
+//! through the `eventbus` facade's `Config`, or any serde format): missing fields keep their
+//! defaults, unknown fields are refused, durations are written with a unit (`"100ms"`, see
+//! [`crate::duration`]).
 
 use std::collections::HashMap;
 use std::time::Duration;
+
+use serde::Deserialize;
 
 use crate::codec::Compression;
 use crate::error::BusError;
@@ -40,13 +45,16 @@ pub const DEFAULT_DEAD_LETTER_SUFFIX: &str = ".dlq";
 
 /// Handler retry policy: exponential backoff, in place (the worker waits, so the order of an
 /// aggregate's messages holds).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RetryPolicy {
     /// Handler attempts per message, the first included (default 3). At least 1.
     pub max_attempts: u32,
     /// Wait before the second attempt (default 100 ms).
+    #[serde(deserialize_with = "crate::duration::deserialize")]
     pub initial_backoff: Duration,
     /// Longest wait between attempts (default 5 s).
+    #[serde(deserialize_with = "crate::duration::deserialize")]
     pub max_backoff: Duration,
     /// Growth factor of the wait (default 2.0).
     pub multiplier: f64,
@@ -76,7 +84,8 @@ impl RetryPolicy {
 }
 
 /// Publishing.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct PublishConfig {
     /// Publishes awaiting a broker ACK at most; `publish` waits when it is full (default 10,000).
     pub in_flight_window: usize,
@@ -92,8 +101,11 @@ pub struct PublishConfig {
     /// Largest message accepted, payload and headers (default 1 MiB).
     pub max_message_bytes: usize,
     /// Deadline of `flush()` and of each phase of `close()` (default 30 s).
+    #[serde(deserialize_with = "crate::duration::deserialize")]
     pub close_timeout: Duration,
-    /// Called with every publish result on the bus's ACK collector task (default none).
+    /// Called with every publish result on the bus's ACK collector task (default none; code
+    /// only, not read from configuration files).
+    #[serde(skip)]
     pub on_result: Option<ResultCallback>,
 }
 
@@ -123,7 +135,8 @@ impl PublishConfig {
 }
 
 /// The shared dispatcher: keyed pool, global pool, retries, dead letters.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(from = "DispatchFields")]
 pub struct DispatchConfig {
     /// Keyed workers `K`: each takes the next message of any aggregate no other worker is
     /// on, so up to `K` aggregates are handled at once, each strictly in order (default 32).
@@ -133,7 +146,8 @@ pub struct DispatchConfig {
     pub keyed_buffer: usize,
     /// Workers of the global pool for messages without an aggregate id (default 2 × cores).
     pub global_workers: usize,
-    /// Queue depth of the global pool (default `global_workers × 100`).
+    /// Queue depth of the global pool (default `global_workers × 100`; in a configuration
+    /// file, of the `global_workers` given there).
     pub global_queue: usize,
     /// Handler retries.
     pub retry: RetryPolicy,
@@ -164,12 +178,63 @@ impl Default for DispatchConfig {
     }
 }
 
+/// [`DispatchConfig`] as a configuration file writes it: without `global_queue`, the queue
+/// follows the `global_workers` given there.
+#[derive(Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct DispatchFields {
+    keyed_workers: usize,
+    keyed_buffer: usize,
+    global_workers: usize,
+    global_queue: Option<usize>,
+    retry: RetryPolicy,
+    dead_letter_suffix: String,
+    dedup_window: usize,
+    #[serde(deserialize_with = "crate::duration::deserialize")]
+    progress_interval: Duration,
+}
+
+impl Default for DispatchFields {
+    fn default() -> Self {
+        let d = DispatchConfig::default();
+        Self {
+            keyed_workers: d.keyed_workers,
+            keyed_buffer: d.keyed_buffer,
+            global_workers: d.global_workers,
+            global_queue: None,
+            retry: d.retry,
+            dead_letter_suffix: d.dead_letter_suffix,
+            dedup_window: d.dedup_window,
+            progress_interval: d.progress_interval,
+        }
+    }
+}
+
+impl From<DispatchFields> for DispatchConfig {
+    fn from(f: DispatchFields) -> Self {
+        Self {
+            keyed_workers: f.keyed_workers,
+            keyed_buffer: f.keyed_buffer,
+            global_queue: f
+                .global_queue
+                .unwrap_or_else(|| f.global_workers.saturating_mul(GLOBAL_QUEUE_PER_WORKER)),
+            global_workers: f.global_workers,
+            retry: f.retry,
+            dead_letter_suffix: f.dead_letter_suffix,
+            dedup_window: f.dedup_window,
+            progress_interval: f.progress_interval,
+        }
+    }
+}
+
 /// Pulling: one fetcher per subscription.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct SubscribeOptions {
     /// Messages per pull (default 500).
     pub batch_size: usize,
     /// Longest wait of one pull (default 100 ms).
+    #[serde(deserialize_with = "crate::duration::deserialize")]
     pub max_wait: Duration,
     /// Dead-letter topic; default: the topic plus the dispatcher's suffix.
     pub dead_letter_topic: Option<String>,
@@ -195,7 +260,8 @@ impl Default for SubscribeOptions {
 ///     .with_max_attempts(5);
 /// assert!(cfg.validate().is_ok());
 /// ```
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct BusConfig {
     /// Publishing.
     pub publish: PublishConfig,
@@ -336,6 +402,53 @@ mod tests {
             .with_in_flight_window(0)
             .validate()
             .is_err());
+    }
+
+    #[test]
+    fn deserializes_with_defaults_for_what_is_missing() {
+        let c: BusConfig = serde_json::from_value(serde_json::json!({
+            "publish": { "in_flight_window": 20000, "close_timeout": "5s", "compression": "lz4",
+                         "topic_compression": { "big": "lz4" } },
+            "dispatch": { "global_workers": 3, "retry": { "max_attempts": 5, "initial_backoff": "10ms" } },
+            "subscribe": { "max_wait": "250ms" }
+        }))
+        .expect("deserialize");
+        assert_eq!(c.publish.in_flight_window, 20_000);
+        assert_eq!(c.publish.close_timeout, Duration::from_secs(5));
+        assert_eq!(c.publish.compression_for("big"), Compression::Lz4);
+        assert_eq!(c.publish.results_capacity, DEFAULT_IN_FLIGHT_WINDOW);
+        assert_eq!(
+            c.dispatch.global_queue, 300,
+            "the queue follows the workers given"
+        );
+        assert_eq!(c.dispatch.retry.max_attempts, 5);
+        assert_eq!(c.dispatch.retry.initial_backoff, Duration::from_millis(10));
+        assert_eq!(
+            c.dispatch.retry.max_backoff,
+            RetryPolicy::default().max_backoff
+        );
+        assert_eq!(c.dispatch.keyed_workers, DEFAULT_KEYED_WORKERS);
+        assert_eq!(c.subscribe.max_wait, Duration::from_millis(250));
+        assert_eq!(c.subscribe.batch_size, DEFAULT_BATCH_SIZE);
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_refused() {
+        let unknown = serde_json::from_value::<BusConfig>(
+            serde_json::json!({ "publish": { "in_flight_windw": 1 } }),
+        )
+        .expect_err("unknown field");
+        assert!(unknown.to_string().contains("in_flight_windw"), "{unknown}");
+        let bad = serde_json::from_value::<BusConfig>(
+            serde_json::json!({ "subscribe": { "max_wait": "soon" } }),
+        )
+        .expect_err("bad duration");
+        assert!(bad.to_string().contains("soon"), "{bad}");
+        let compression = serde_json::from_value::<BusConfig>(
+            serde_json::json!({ "publish": { "compression": "zstd" } }),
+        )
+        .expect_err("unknown compression");
+        assert!(compression.to_string().contains("zstd"), "{compression}");
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub mod codec;
 mod config;
 mod consume;
 mod dispatcher;
+pub mod duration;
 mod envelope;
 mod error;
 mod handler;

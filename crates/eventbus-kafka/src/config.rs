@@ -1,13 +1,19 @@
 //! Kafka configuration with documented defaults.
+//!
+//! Every struct deserializes with serde (a `[kafka]` table of the `eventbus` facade's
+//! configuration file): missing fields keep their defaults, unknown fields are refused,
+//! durations are written with a unit (`"10s"`), `extra` librdkafka properties as a table.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use eventbus_core::Secret;
 use rdkafka::ClientConfig;
+use serde::Deserialize;
 
 /// `security.protocol` and what goes with it.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Security {
     /// `plaintext` (default), `ssl`, `sasl_plaintext` or `sasl_ssl`.
     pub protocol: Option<String>,
@@ -28,7 +34,8 @@ pub struct Security {
 }
 
 /// How topics are created (through the admin API; broker auto-create is never relied on).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct TopicSettings {
     /// Partitions of new topics (default 16): the ceiling of consumer parallelism per group.
     pub partitions: i32,
@@ -49,7 +56,8 @@ impl Default for TopicSettings {
 }
 
 /// Producer tuning.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ProducerSettings {
     /// `compression.type` (default `lz4`: native Kafka batch compression). The only
     /// compression on Kafka: the bus's own per-message `Compression` is not applied here.
@@ -60,8 +68,10 @@ pub struct ProducerSettings {
     pub batch_num_messages: u32,
     /// `message.timeout.ms` (default 120 s): how long librdkafka retries one message before
     /// its result is a failure.
+    #[serde(deserialize_with = "eventbus_core::duration::deserialize")]
     pub message_timeout: Duration,
     /// Any other librdkafka producer property.
+    #[serde(deserialize_with = "properties")]
     pub extra: Vec<(String, String)>,
 }
 
@@ -84,13 +94,17 @@ pub const DEFAULT_FETCH_WAIT: Duration = Duration::from_millis(100);
 pub const DEFAULT_PREFETCH_KBYTES: usize = 16 * 1024;
 
 /// Consumer tuning.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ConsumerSettings {
     /// `session.timeout.ms` (default 10 s).
+    #[serde(deserialize_with = "eventbus_core::duration::deserialize")]
     pub session_timeout: Duration,
     /// How often completed offsets are committed (default 1 s; also on close and revoke).
+    #[serde(deserialize_with = "eventbus_core::duration::deserialize")]
     pub commit_interval: Duration,
     /// How long a revocation waits for in-flight messages of revoked partitions (default 10 s).
+    #[serde(deserialize_with = "eventbus_core::duration::deserialize")]
     pub drain_timeout: Duration,
     /// `fetch.wait.max.ms`: the longest a fetch request waits at the broker for data
     /// (default 100 ms, the seed's short max-wait; librdkafka's own default is 500 ms).
@@ -98,6 +112,7 @@ pub struct ConsumerSettings {
     /// A broker that holds fetches longer, as Tansu does, adds up to this much to a message's
     /// latency: 10 ms gave e2e p50 14 ms on Tansu against 22 ms at 100 ms and 238 ms at
     /// 500 ms (docs/kafka.md), at the price of more fetch requests while a topic is idle.
+    #[serde(deserialize_with = "eventbus_core::duration::deserialize")]
     pub fetch_wait: Duration,
     /// `queued.max.messages.kbytes`: how much librdkafka prefetches ahead of the fetcher
     /// (default 16 MiB; librdkafka's own default is 64 MiB). The bus buffers fetched messages
@@ -105,6 +120,7 @@ pub struct ConsumerSettings {
     /// memory: 16 MiB still covers about a second of 1 KB messages at 16,000 msg/s.
     pub prefetch_kbytes: usize,
     /// Any other librdkafka consumer property.
+    #[serde(deserialize_with = "properties")]
     pub extra: Vec<(String, String)>,
 }
 
@@ -129,7 +145,8 @@ impl Default for ConsumerSettings {
 /// cfg.security.sasl_password = Some(eventbus_core::Secret::new("pw"));
 /// assert!(!format!("{cfg:?}").contains("\"pw\""));
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct KafkaConfig {
     /// `bootstrap.servers`.
     pub brokers: String,
@@ -144,7 +161,44 @@ pub struct KafkaConfig {
     /// Consumers.
     pub consumer: ConsumerSettings,
     /// Timeout of admin and metadata requests (default 10 s).
+    #[serde(deserialize_with = "eventbus_core::duration::deserialize")]
     pub request_timeout: Duration,
+}
+
+/// The brokers a default configuration points at.
+pub const DEFAULT_BROKERS: &str = "127.0.0.1:9092";
+
+impl Default for KafkaConfig {
+    /// Defaults for the brokers at [`DEFAULT_BROKERS`].
+    fn default() -> Self {
+        Self::new(DEFAULT_BROKERS)
+    }
+}
+
+/// librdkafka properties from a table: `extra = { "queue.buffering.max.kbytes" = 65536 }`;
+/// numbers and booleans are written as librdkafka reads them.
+fn properties<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<(String, String)>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Value {
+        Text(String),
+        Integer(i64),
+        Float(f64),
+        Flag(bool),
+    }
+    let table = std::collections::BTreeMap::<String, Value>::deserialize(d)?;
+    Ok(table
+        .into_iter()
+        .map(|(k, v)| {
+            let v = match v {
+                Value::Text(s) => s,
+                Value::Integer(i) => i.to_string(),
+                Value::Float(f) => f.to_string(),
+                Value::Flag(b) => b.to_string(),
+            };
+            (k, v)
+        })
+        .collect())
 }
 
 impl KafkaConfig {

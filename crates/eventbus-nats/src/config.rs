@@ -1,12 +1,21 @@
 //! NATS configuration with the seed's defaults (DESIGN.md §1, fix 8).
+//!
+//! Every struct deserializes with serde (a `[nats]` table of the `eventbus` facade's
+//! configuration file): missing fields keep their defaults, unknown fields are refused,
+//! durations are written with a unit (`"30s"`).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use serde::Deserialize;
+
 pub use eventbus_core::Secret;
 
-/// How the client authenticates.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// How the client authenticates. In a configuration file: `auth = { token = "…" }`,
+/// `auth = { user_password = { user = "…", password = "…" } }`, `auth = { nkey = "…" }`,
+/// `auth = { credentials_file = "path" }` or `auth = "none"`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Auth {
     /// No authentication.
     #[default]
@@ -21,24 +30,27 @@ pub enum Auth {
         password: Secret,
     },
     /// An NKey seed.
+    #[serde(rename = "nkey")]
     NKey(Secret),
     /// A `.creds` file (JWT + NKey seed).
     CredentialsFile(PathBuf),
 }
 
 /// TLS options.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Tls {
     /// Require TLS even if the server does not ask for it.
     pub required: bool,
     /// Extra root certificates (PEM).
     pub root_certificates: Option<PathBuf>,
-    /// Client certificate and key (PEM), for mutual TLS.
+    /// Client certificate and key (PEM), for mutual TLS (`["cert.pem", "key.pem"]`).
     pub client_certificate: Option<(PathBuf, PathBuf)>,
 }
 
-/// Where JetStream keeps a stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Where JetStream keeps a stream (`"file"` or `"memory"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Storage {
     /// On disk (default): survives a server restart.
     #[default]
@@ -48,7 +60,8 @@ pub enum Storage {
 }
 
 /// Stream settings applied to every topic's stream (one stream per topic).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct StreamSettings {
     /// Stream name = this prefix + the topic with `.` replaced by `_` (default `EB_`).
     pub name_prefix: String,
@@ -59,8 +72,10 @@ pub struct StreamSettings {
     /// Messages kept per stream (default 1,000,000).
     pub max_messages: i64,
     /// Oldest message kept (default 0 = no age limit).
+    #[serde(deserialize_with = "eventbus_core::duration::deserialize")]
     pub max_age: Duration,
     /// Window in which a republished `event_id` (`Nats-Msg-Id`) is a duplicate (default 2 min).
+    #[serde(deserialize_with = "eventbus_core::duration::deserialize")]
     pub duplicate_window: Duration,
     /// Replicas (default 1).
     pub replicas: usize,
@@ -88,9 +103,11 @@ impl Default for StreamSettings {
 }
 
 /// Durable pull consumer settings (one consumer per topic and group).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ConsumerSettings {
     /// Redelivery after this long without an ack (default 30 s; in-progress acks extend it).
+    #[serde(deserialize_with = "eventbus_core::duration::deserialize")]
     pub ack_wait: Duration,
     /// Unacked messages the server lets the consumer have (default 10,000).
     pub max_ack_pending: i64,
@@ -115,16 +132,19 @@ impl Default for ConsumerSettings {
 /// bucket. Every `heartbeat` an instance renews its leases and its membership, looks at the
 /// members and takes or hands over partitions, so a joining instance gets its share within a
 /// few heartbeats and a partition of an instance that died moves once its lease expired.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct GroupSettings {
     /// How long a lease and a membership entry live without renewal (default 10 s): the
     /// longest a dead instance's partitions wait for a new owner. An instance that cannot renew
     /// stops taking messages of its partitions one heartbeat before this, so a paused or cut-off
     /// instance stops before another one may start. Fixed per topic by the first instance: the
     /// bucket's age limit is the lease time.
+    #[serde(deserialize_with = "eventbus_core::duration::deserialize")]
     pub lease_ttl: Duration,
     /// How often leases and membership are renewed and partitions rebalanced (default 1 s). At
     /// most a third of `lease_ttl`, so two renewals can be lost before a lease lapses.
+    #[serde(deserialize_with = "eventbus_core::duration::deserialize")]
     pub heartbeat: Duration,
     /// This instance's name in its groups (`[A-Za-z0-9_-]`, default: a random one per
     /// subscription). Shown in the bucket, for operators.
@@ -149,7 +169,8 @@ impl Default for GroupSettings {
 ///     .with_auth(Auth::Token(Secret::new("s3cr3t")));
 /// assert!(!format!("{cfg:?}").contains("s3cr3t"));
 /// ```
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct NatsConfig {
     /// Server URLs, comma-separated (`nats://host:port`).
     pub url: String,
@@ -160,6 +181,7 @@ pub struct NatsConfig {
     /// TLS.
     pub tls: Tls,
     /// Timeout of the first connection (default 5 s).
+    #[serde(deserialize_with = "eventbus_core::duration::deserialize")]
     pub connect_timeout: Duration,
     /// Per-stream settings.
     pub stream: StreamSettings,
@@ -172,13 +194,25 @@ pub struct NatsConfig {
     pub max_ack_inflight: usize,
     /// How long to wait for one publish ACK before republishing it (default 5 s). Also bounds
     /// each JetStream API request the transport makes (stream and consumer provisioning).
+    #[serde(deserialize_with = "eventbus_core::duration::deserialize")]
     pub publish_ack_timeout: Duration,
     /// Republishes (same `Nats-Msg-Id`, so never stored twice) after a lost ACK, before the
     /// publish is reported failed (default 5).
     pub publish_retries: u32,
     /// Pull request lifetime on the server (default 5 s); the fetcher hands messages on as
     /// they arrive, this only bounds how long one pull request lives.
+    #[serde(deserialize_with = "eventbus_core::duration::deserialize")]
     pub pull_expires: Duration,
+}
+
+/// The server a default configuration points at.
+pub const DEFAULT_URL: &str = "nats://127.0.0.1:4222";
+
+impl Default for NatsConfig {
+    /// Defaults for a server at [`DEFAULT_URL`].
+    fn default() -> Self {
+        Self::new(DEFAULT_URL)
+    }
 }
 
 impl NatsConfig {

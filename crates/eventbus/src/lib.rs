@@ -19,12 +19,17 @@
 //! # Ok::<(), eventbus::BusError>(()) }).unwrap();
 //! ```
 //!
+//! Or from a file and the environment ([`Config`]): `EVENTBUS_CONFIG=eventbus.toml`,
+//! `EVENTBUS_URL=nats://127.0.0.1:4222`, then `eventbus::Config::from_env()?.connect().await?`.
+//!
 //! Cargo features: `nats` (JetStream through async-nats) and `kafka` (rdkafka) add backends;
 //! the memory backend is always there.
 
 mod any;
+pub mod config;
 
 pub use any::{AnyAck, AnyDelivery, AnySubscription, AnyTransport, BackendConfig};
+pub use config::{Config, ConfigError, ConfigErrorKind};
 pub use eventbus_core::memory::{MemoryBroker, MemoryConfig};
 pub use eventbus_core::{
     codec, headers, new_event_id, BrokerPosition, Bus, BusBuilder, BusConfig, BusError,

@@ -41,7 +41,8 @@ use log::{DuplicateWindow, Partition, Topic, TopicState};
 pub use transport::{MemoryDelivery, MemorySubscription, MemoryTransport};
 
 /// Memory broker limits.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct MemoryConfig {
     /// Partitions per topic (default 16).
     pub partitions: u32,
@@ -50,6 +51,7 @@ pub struct MemoryConfig {
     /// Bytes kept per topic (default 1 GiB, as the NATS stream default).
     pub max_bytes_per_topic: usize,
     /// A republished `event_id` within this window is a duplicate (default 2 min).
+    #[serde(deserialize_with = "crate::duration::deserialize")]
     pub duplicate_window: Duration,
     /// Event ids remembered per topic for duplicate detection at most (default 100,000).
     pub max_duplicate_ids: usize,
