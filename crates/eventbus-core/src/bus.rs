@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use crate::codec::{self, Compression};
 use crate::config::{BusConfig, SubscribeOptions};
@@ -17,7 +18,9 @@ use crate::handler::{EnvelopeAdapter, EnvelopeHandler, Handler, SharedHandler};
 use crate::headers::{self, Headers};
 use crate::message::OutgoingMessage;
 use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::middleware::{Layer, Layers};
 use crate::publish::{PublishResult, PublishResults, Publisher, ResultCallback};
+use crate::trace::{self, TraceContext};
 use crate::transport::{
     validate_topic, Capabilities, ConnectionState, Health, Subscription, SubscriptionSpec,
     Transport,
@@ -123,6 +126,7 @@ impl Publication {
 pub struct BusBuilder<T: Transport> {
     transport: T,
     config: BusConfig,
+    layers: Layers,
 }
 
 impl<T: Transport> BusBuilder<T> {
@@ -139,6 +143,14 @@ impl<T: Transport> BusBuilder<T> {
     /// Calls `f` with every publish result, on the bus's ACK collector task: keep it short.
     pub fn on_publish_result(mut self, f: impl Fn(&PublishResult) + Send + Sync + 'static) -> Self {
         self.config.publish.on_result = Some(ResultCallback::new(f));
+        self
+    }
+
+    /// Adds a middleware layer around the handler of every subscription of the bus, inside
+    /// the layers added before and outside each subscription's own
+    /// ([`crate::middleware`]).
+    pub fn layer(mut self, layer: impl Layer) -> Self {
+        self.layers.push(layer);
         self
     }
 
@@ -169,6 +181,7 @@ impl<T: Transport> BusBuilder<T> {
                 }),
                 closed,
                 metrics,
+                layers: self.layers,
                 next_route: AtomicU64::new(1),
             }),
         })
@@ -206,6 +219,8 @@ struct BusInner<T: Transport> {
     /// Set once `close()` finished: later callers of `close()` wait for it.
     closed: watch::Sender<bool>,
     metrics: Arc<Metrics>,
+    /// Middleware around every subscription's handler.
+    layers: Layers,
     next_route: AtomicU64,
 }
 
@@ -254,6 +269,7 @@ impl<T: Transport> Bus<T> {
         BusBuilder {
             transport,
             config: BusConfig::default(),
+            layers: Layers::new(),
         }
     }
 
@@ -318,20 +334,29 @@ impl<T: Transport> Bus<T> {
     /// Publishes `p`; returns its event id once handed over. Exactly one [`PublishResult`]
     /// follows for every `Ok`; an `Err` means the message was not accepted.
     pub async fn send(&self, p: Publication) -> Result<String, BusError> {
-        let out = self.prepare(p)?;
+        let (out, span) = self.prepare(p)?;
         let id = out.event_id.clone();
-        self.inner.publisher.submit(out, None).await?;
+        self.inner
+            .publisher
+            .submit(out, None)
+            .instrument(span)
+            .await?;
         Ok(id)
     }
 
     /// Publishes `p` and waits for its result (which is also reported to the callback and
     /// stream).
     pub async fn send_and_wait(&self, p: Publication) -> Result<PublishResult, BusError> {
-        let out = self.prepare(p)?;
-        self.inner.publisher.submit_and_wait(out).await
+        let (out, span) = self.prepare(p)?;
+        self.inner
+            .publisher
+            .submit_and_wait(out)
+            .instrument(span)
+            .await
     }
 
-    fn prepare(&self, p: Publication) -> Result<OutgoingMessage, BusError> {
+    /// The message as the transport gets it, and its publish span.
+    fn prepare(&self, p: Publication) -> Result<(OutgoingMessage, tracing::Span), BusError> {
         validate_topic(&p.topic)?;
         let Publication {
             topic,
@@ -352,8 +377,15 @@ impl<T: Transport> Bus<T> {
         if let Some(a) = &aggregate_id {
             headers.set_str(headers::AGGREGATE_ID, a);
         }
-        headers::validate(&headers)?;
         let cfg = self.inner.publisher.config();
+        let span = if cfg.propagate_trace {
+            let (ctx, parent) = trace::for_publish(&headers);
+            ctx.inject(&mut headers);
+            publish_span(&topic, &event_id, Some((&ctx, parent.as_ref())))
+        } else {
+            publish_span(&topic, &event_id, None)
+        };
+        headers::validate(&headers)?;
         let size = payload.len() + headers.wire_len();
         if size > cfg.max_message_bytes {
             return Err(TransportError::PayloadTooLarge {
@@ -374,13 +406,14 @@ impl<T: Transport> Bus<T> {
             cfg.compression_min_bytes,
             &mut headers,
         );
-        Ok(OutgoingMessage {
+        let out = OutgoingMessage {
             topic,
             event_id,
             key: aggregate_id,
             headers,
             payload,
-        })
+        };
+        Ok((out, span))
     }
 
     /// The stream of publish results. It can be taken once; take it before publishing to see
@@ -487,6 +520,7 @@ impl<T: Transport> Bus<T> {
             Err(TransportError::Closed) => return Err(BusError::Closed),
             Err(e) => return Err(e.into()),
         };
+        let handler = self.inner.layers.apply(options.layers.apply(handler));
         let route = Arc::new(Route::new(
             self.inner.next_route.fetch_add(1, Ordering::Relaxed),
             topic.to_string(),
@@ -664,6 +698,31 @@ impl<T: Transport> Bus<T> {
     pub fn is_closed(&self) -> bool {
         self.inner.state() != State::Running || self.inner.publisher.is_closed()
     }
+}
+
+/// The `eventbus.publish` span: from the call to the hand-over to the broker client (the ACK
+/// is reported as a [`PublishResult`]).
+fn publish_span(
+    topic: &str,
+    event_id: &str,
+    trace: Option<(&TraceContext, Option<&TraceContext>)>,
+) -> tracing::Span {
+    let span = tracing::debug_span!(
+        "eventbus.publish",
+        topic,
+        event_id,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+        parent_span_id = tracing::field::Empty,
+    );
+    if let (Some((ctx, parent)), false) = (trace, span.is_disabled()) {
+        span.record("trace_id", ctx.trace_id());
+        span.record("span_id", ctx.span_id());
+        if let Some(p) = parent {
+            span.record("parent_span_id", p.span_id());
+        }
+    }
+    span
 }
 
 fn validate_group(group: &str) -> Result<(), BusError> {

@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use crate::codec::Compression;
 use crate::error::BusError;
+use crate::middleware::{Layer, Layers};
 use crate::publish::ResultCallback;
 
 /// Publishes awaiting a broker ACK at most (seed: `PublishAsyncMaxPending(10000)`).
@@ -103,6 +104,9 @@ pub struct PublishConfig {
     /// Deadline of `flush()` and of each phase of `close()` (default 30 s).
     #[serde(deserialize_with = "crate::duration::deserialize")]
     pub close_timeout: Duration,
+    /// Give every message a W3C `traceparent` (and pass on `tracestate`) so its handling
+    /// continues the publisher's trace (default true; see [`crate::trace`]).
+    pub propagate_trace: bool,
     /// Called with every publish result on the bus's ACK collector task (default none; code
     /// only, not read from configuration files).
     #[serde(skip)]
@@ -119,6 +123,7 @@ impl Default for PublishConfig {
             compression_min_bytes: DEFAULT_COMPRESSION_MIN_BYTES,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             close_timeout: DEFAULT_CLOSE_TIMEOUT,
+            propagate_trace: true,
             on_result: None,
         }
     }
@@ -238,6 +243,10 @@ pub struct SubscribeOptions {
     pub max_wait: Duration,
     /// Dead-letter topic; default: the topic plus the dispatcher's suffix.
     pub dead_letter_topic: Option<String>,
+    /// Middleware around this subscription's handler, inside the bus's own (code only, not
+    /// read from configuration files; see [`crate::middleware`]).
+    #[serde(skip)]
+    pub layers: Layers,
 }
 
 impl Default for SubscribeOptions {
@@ -246,7 +255,16 @@ impl Default for SubscribeOptions {
             batch_size: DEFAULT_BATCH_SIZE,
             max_wait: DEFAULT_MAX_WAIT,
             dead_letter_topic: None,
+            layers: Layers::new(),
         }
+    }
+}
+
+impl SubscribeOptions {
+    /// Adds a middleware layer inside the ones added before.
+    pub fn layer(mut self, layer: impl Layer) -> Self {
+        self.layers.push(layer);
+        self
     }
 }
 

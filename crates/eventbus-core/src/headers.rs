@@ -12,6 +12,11 @@ pub const EVENT_VERSION: &str = "X-Event-Version";
 pub const TIMESTAMP: &str = "X-Timestamp";
 /// Optional trace id.
 pub const TRACE_ID: &str = "X-Trace-ID";
+/// W3C Trace Context: the trace and the publishing span a message belongs to (see
+/// [`crate::trace`]).
+pub const TRACEPARENT: &str = "traceparent";
+/// W3C Trace Context: vendor trace state, passed along unchanged.
+pub const TRACESTATE: &str = "tracestate";
 /// Optional correlation id.
 pub const CORRELATION_ID: &str = "X-Correlation-ID";
 /// Optional tenant id.
@@ -40,6 +45,8 @@ pub const WELL_KNOWN: &[&str] = &[
     EVENT_VERSION,
     TIMESTAMP,
     TRACE_ID,
+    TRACEPARENT,
+    TRACESTATE,
     CORRELATION_ID,
     TENANT_ID,
     CONTENT_ENCODING,

@@ -32,13 +32,17 @@ pub mod headers;
 pub mod memory;
 mod message;
 mod metrics;
+pub mod middleware;
 pub mod partitioner;
 mod publish;
 mod secret;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+pub mod trace;
 mod transport;
 
+pub use crate::metrics::facade::names as metric_names;
+pub use crate::metrics::MetricsSnapshot;
 pub use bus::{Bus, BusBuilder, Publication};
 pub use codec::{CodecError, Compression};
 pub use config::{
@@ -53,7 +57,6 @@ pub use error::{
 pub use handler::{EnvelopeHandler, Handler};
 pub use headers::Headers;
 pub use message::{BrokerPosition, Message, OutgoingMessage};
-pub use metrics::MetricsSnapshot;
 pub use publish::{PublishResult, PublishResults, ResultCallback};
 pub use secret::Secret;
 pub use transport::{

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
@@ -86,6 +86,8 @@ struct Meta {
     event_id: String,
     aggregate_id: Option<String>,
     waiter: Option<oneshot::Sender<PublishResult>>,
+    /// When it was handed to the transport (ACK latency).
+    sent_at: Instant,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -131,15 +133,23 @@ struct Sinks {
 
 impl Sinks {
     async fn report(&mut self, meta: Meta, outcome: Result<Receipt, TransportError>) {
+        let export = &self.metrics.export;
+        export.in_flight.decrement(1.0);
+        export
+            .ack_seconds
+            .record(meta.sent_at.elapsed().as_secs_f64());
         match &outcome {
             Ok(r) => {
                 Metrics::inc(&self.metrics.publish_acked);
+                export.acked.increment(1);
                 if r.duplicate {
                     Metrics::inc(&self.metrics.publish_duplicates);
+                    export.duplicates.increment(1);
                 }
             }
             Err(e) => {
                 Metrics::inc(&self.metrics.publish_failed);
+                export.failed.increment(1);
                 tracing::warn!(topic = %meta.topic, event_id = %meta.event_id, error = %e, "publish failed");
             }
         }
@@ -148,6 +158,7 @@ impl Sinks {
             event_id,
             aggregate_id,
             waiter,
+            sent_at: _,
             _permit,
         } = meta;
         let result = PublishResult {
@@ -177,6 +188,7 @@ impl Sinks {
                         _ = tx.send(result) => {}
                         _ = self.mode.wait_for(|m| *m == Mode::Abandon) => {
                             Metrics::inc(&self.metrics.results_dropped);
+                            self.metrics.export.results_dropped.increment(1);
                         }
                     }
                 }
@@ -263,10 +275,13 @@ impl<T: Transport> Publisher<T> {
             event_id: msg.event_id.clone(),
             aggregate_id: msg.key.clone(),
             waiter,
+            sent_at: Instant::now(),
             _permit: permit,
         };
         let ack = self.transport.send(msg).await?;
         Metrics::inc(&self.metrics.published);
+        self.metrics.export.published.increment(1);
+        self.metrics.export.in_flight.increment(1.0);
         self.pending_tx
             .send(PendingAck {
                 meta: Some(meta),
@@ -274,6 +289,7 @@ impl<T: Transport> Publisher<T> {
             })
             .await
             .map_err(|_| {
+                self.metrics.export.in_flight.decrement(1.0);
                 // The broker client took the message, but close() already gave up on pending
                 // ACKs: whether it is stored is unknown, which is not "closed" (= not sent).
                 BusError::Transport(TransportError::Timeout(

@@ -9,7 +9,7 @@ use crate::config::SubscribeOptions;
 use crate::dispatcher::{Dispatcher, Route};
 use crate::error::TransportError;
 use crate::metrics::Metrics;
-use crate::transport::{Subscription, Transport};
+use crate::transport::{Delivery, Subscription, Transport};
 
 /// Pause after a failed fetch before the fetcher tries again.
 const FETCH_RETRY_BACKOFF: Duration = Duration::from_millis(250);
@@ -50,12 +50,18 @@ pub(crate) async fn run_fetcher<T: Transport>(
             Ok(batch) => {
                 for delivery in batch {
                     Metrics::inc(&metrics.fetched);
+                    route.export.fetched.increment(1);
+                    if delivery.message().delivery_count() > 1 {
+                        route.export.redelivered.increment(1);
+                    }
                     dispatcher.dispatch(delivery, &route).await;
                 }
+                metrics.export.queued.set(dispatcher.queued() as f64);
             }
             Err(TransportError::Closed) => break,
             Err(e) => {
                 Metrics::inc(&metrics.fetch_errors);
+                route.export.fetch_errors.increment(1);
                 tracing::warn!(topic = %route.topic, group = %route.group, error = %e, "fetch failed; retrying");
                 let mut stop = stop.clone();
                 let failed = route.failed.notified();

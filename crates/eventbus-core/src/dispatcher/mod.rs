@@ -28,7 +28,7 @@ use crate::envelope::peek_aggregate_id;
 use crate::handler::SharedHandler;
 use crate::headers;
 use crate::message::Message;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RouteExport};
 use crate::publish::Publisher;
 use crate::transport::{Delivery, Subscription, Transport};
 
@@ -56,6 +56,8 @@ pub(crate) struct Route {
     pub(crate) handler: SharedHandler,
     /// Envelope subscription: the body may be read for the aggregate id.
     pub(crate) envelopes: bool,
+    /// This subscription's series of the `metrics` facade.
+    pub(crate) export: RouteExport,
     in_flight: AtomicUsize,
     idle: Notify,
     state: AtomicU8,
@@ -74,6 +76,7 @@ impl Route {
         envelopes: bool,
     ) -> Self {
         Self {
+            export: RouteExport::new(&topic, &group),
             id,
             topic,
             group,

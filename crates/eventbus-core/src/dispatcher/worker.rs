@@ -3,9 +3,10 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
+use tracing::Instrument;
 
 use super::dedup::{DedupKey, SharedDedup};
 use super::{DeliveryOf, Job, Route};
@@ -17,6 +18,7 @@ use crate::headers;
 use crate::message::{Message, OutgoingMessage};
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
+use crate::trace::TraceContext;
 use crate::transport::{Delivery, Transport};
 
 /// Longest error text copied into a dead letter's header.
@@ -63,19 +65,51 @@ impl<T: Transport> WorkerContext<T> {
     async fn handle(&self, delivery: DeliveryOf<T>, route: &Route) {
         let msg = match self.decode(delivery.message()) {
             Ok(msg) => msg,
-            Err(e) => return self.dead_letter(delivery, route, &e, 0).await,
+            Err(e) => {
+                route.export.malformed.increment(1);
+                return self.dead_letter(delivery, route, &e, 0).await;
+            }
         };
         let key = self.dedup_key(route, &msg);
         if let (Some(k), Some(seen)) = (&key, &self.dedup) {
             if seen.contains(k) {
                 Metrics::inc(&self.metrics.deduplicated);
+                route.export.deduplicated.increment(1);
                 tracing::debug!(topic = %route.topic, event_id = ?msg.event_id(), "duplicate skipped");
                 return self.settle("ack", delivery.ack().await);
             }
         }
-        match self.retry_in_place(route, msg, &delivery).await {
+        route
+            .export
+            .end_to_end(msg.headers().get(headers::TIMESTAMP));
+        // Tracing layer: the handling is a child of the span that published the message.
+        let parent = TraceContext::from_headers(msg.headers());
+        let trace = parent
+            .as_ref()
+            .map(TraceContext::child)
+            .unwrap_or_else(TraceContext::new_root);
+        let span = tracing::debug_span!(
+            "eventbus.handle",
+            topic = %route.topic,
+            group = %route.group,
+            event_id = msg.event_id().unwrap_or_default(),
+            aggregate_id = msg.aggregate_id().unwrap_or_default(),
+            delivery = msg.delivery_count(),
+            trace_id = %trace.trace_id(),
+            span_id = %trace.span_id(),
+            parent_span_id = tracing::field::Empty,
+        );
+        if let (Some(p), false) = (&parent, span.is_disabled()) {
+            span.record("parent_span_id", p.span_id());
+        }
+        let outcome = trace
+            .scope(self.retry_in_place(route, msg, &delivery))
+            .instrument(span)
+            .await;
+        match outcome {
             Outcome::Handled => {
                 Metrics::inc(&self.metrics.handled);
+                route.export.handled.increment(1);
                 if let (Some(k), Some(seen)) = (key, &self.dedup) {
                     seen.insert(k);
                 }
@@ -122,14 +156,27 @@ impl<T: Transport> WorkerContext<T> {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let error = match self.run_handler(route, msg.clone(), delivery).await {
+            let started = Instant::now();
+            let result = self.run_handler(route, msg.clone(), delivery).await;
+            route
+                .export
+                .handler_seconds
+                .record(started.elapsed().as_secs_f64());
+            let error = match result {
                 Ok(()) => return Outcome::Handled,
                 Err(error) => error,
             };
             Metrics::inc(&self.metrics.handler_errors);
+            route.export.handler_errors.increment(1);
             match error.kind() {
-                FailureKind::Panic => Metrics::inc(&self.metrics.handler_panics),
-                FailureKind::Malformed => Metrics::inc(&self.metrics.malformed),
+                FailureKind::Panic => {
+                    Metrics::inc(&self.metrics.handler_panics);
+                    route.export.handler_panics.increment(1);
+                }
+                FailureKind::Malformed => {
+                    Metrics::inc(&self.metrics.malformed);
+                    route.export.malformed.increment(1);
+                }
                 _ => {}
             }
             if error.is_permanent() || attempts >= self.retry.max_attempts {
@@ -139,6 +186,7 @@ impl<T: Transport> WorkerContext<T> {
                 return Outcome::Stopped;
             }
             Metrics::inc(&self.metrics.retries);
+            route.export.retries.increment(1);
             tracing::debug!(topic = %route.topic, attempts, error = %error, "handler failed; retrying in place");
             self.wait_keeping_alive(delivery, self.retry.backoff(attempts))
                 .await;
@@ -201,6 +249,7 @@ impl<T: Transport> WorkerContext<T> {
                 }
                 Err(e) => {
                     Metrics::inc(&self.metrics.dead_letter_failures);
+                    route.export.dead_letter_failures.increment(1);
                     tracing::warn!(topic = %route.topic, dlq = %route.dead_letter_topic, error = %e,
                         tries, "dead-letter publish failed; retrying");
                     self.wait_keeping_alive(&delivery, self.retry.backoff(tries))
@@ -211,12 +260,14 @@ impl<T: Transport> WorkerContext<T> {
         match stored {
             Ok(()) => {
                 Metrics::inc(&self.metrics.dead_lettered);
+                route.export.dead_lettered.increment(1);
                 tracing::warn!(topic = %route.topic, group = %route.group, dlq = %route.dead_letter_topic,
                     attempts, error = %err, "message dead-lettered");
                 self.settle("term", delivery.term().await);
             }
             Err(e) => {
                 Metrics::inc(&self.metrics.dead_letter_failures);
+                route.export.dead_letter_failures.increment(1);
                 let reason = format!(
                     "dead-letter publish to {} failed after {tries} tries ({e}); the subscription \
                      stopped so the aggregate's order holds; its messages return to the broker",

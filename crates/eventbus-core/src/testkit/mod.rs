@@ -36,6 +36,7 @@ mod outage;
 mod placement;
 mod recorder;
 mod scaleout;
+mod telemetry;
 
 pub use compression::*;
 pub use delivery::*;
@@ -47,6 +48,7 @@ pub use outage::{connection_lost_and_back, Outage};
 pub use placement::java_partition_mismatches;
 pub use recorder::Recorder;
 pub use scaleout::*;
+pub use telemetry::*;
 
 /// The names of every case, in the order [`conformance_tests!`](crate::conformance_tests)
 /// runs them.
@@ -223,7 +225,8 @@ macro_rules! __eventbus_kit_cases {
                 close_while_publishing_loses_nothing, close_bounded_with_unread_results,
                 subscribe_racing_close_leaves_nothing, compression_round_trip,
                 mixed_compressed_and_plain, malformed_input_dead_letter, bad_input_is_rejected,
-                ack_settles_nak_redelivers
+                ack_settles_nak_redelivers, trace_context_crosses_the_broker,
+                middleware_wraps_the_handler
             ];
             current_thread [current_thread_runtime]}
     };

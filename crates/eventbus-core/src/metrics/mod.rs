@@ -1,6 +1,11 @@
-//! Counters of one bus, read with [`crate::Bus::metrics`].
+//! Counters of one bus, read with [`crate::Bus::metrics`], and the same figures (with
+//! latencies) through the `metrics` facade ([`facade`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+
+pub mod facade;
+
+pub(crate) use facade::{BusExport, RouteExport};
 
 macro_rules! counters {
     ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
@@ -8,6 +13,8 @@ macro_rules! counters {
         #[derive(Debug, Default)]
         pub(crate) struct Metrics {
             $(pub(crate) $name: AtomicU64,)*
+            /// The bus-wide series of the `metrics` facade.
+            pub(crate) export: BusExport,
         }
 
         /// A snapshot of a bus's counters.
