@@ -39,6 +39,7 @@ EVENTBUS_CONFIG=examples/eventbus.toml cargo run --locked -q -p eventbus-example
 EVENTBUS_CONFIG=examples/eventbus.toml EVENTBUS_URL="$EVENTBUS_NATS_URL" cargo run --locked -q -p eventbus-examples --example broker_swap
 cargo run --locked -q -p eventbus-examples --example outbox
 EVENTBUS_URL="$EVENTBUS_NATS_URL" cargo run --locked -q -p eventbus-examples --example outbox
+cargo run --locked -q -p eventbus-examples --example prometheus
 
 step "main command, smallest level"
 cargo run --locked -q -p eventbus-benches --bin eventbus-bench -- --levels low --repeats 1

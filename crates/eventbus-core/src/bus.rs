@@ -8,6 +8,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
+use crate::cloudevents::{self, CloudEvent, CloudEventError};
 use crate::codec::{self, Compression};
 use crate::config::{BusConfig, SubscribeOptions};
 use crate::consume::{run_fetcher, FetcherParams, SubscriptionControl, SubscriptionHandle};
@@ -86,6 +87,45 @@ impl Publication {
             headers: envelope.headers(),
             compression: None,
         }
+    }
+
+    /// A CloudEvent for `topic` in structured mode: the JSON event format as the payload,
+    /// `content-type: application/cloudevents+json`; event id = `id`, aggregate = `subject`
+    /// (else the `partitionkey` extension).
+    ///
+    /// ```
+    /// use eventbus_core::{cloudevents::CloudEvent, Envelope, Publication};
+    /// let env = Envelope::new("order-1", "order.created", 1, serde_json::json!({}));
+    /// let ce = CloudEvent::from_envelope(&env, "/shop");
+    /// let p = Publication::cloud_event("orders", &ce).unwrap();
+    /// assert_eq!(p.topic(), "orders");
+    /// ```
+    pub fn cloud_event(topic: impl Into<String>, ce: &CloudEvent) -> Result<Self, CloudEventError> {
+        ce.validate()?;
+        let mut p = Self::new(topic, ce.to_json()).event_id(ce.id.as_str());
+        p.headers.insert(
+            cloudevents::CONTENT_TYPE,
+            format!("{}; charset=UTF-8", cloudevents::STRUCTURED_CONTENT_TYPE),
+        );
+        p.aggregate_id = cloud_event_aggregate(ce);
+        Ok(p)
+    }
+
+    /// A CloudEvent for `topic` in binary mode: attributes as headers named `prefix` +
+    /// attribute ([`cloudevents::KAFKA_PREFIX`] `ce_` or [`cloudevents::NATS_PREFIX`] `ce-`,
+    /// as the consumers' protocol binding expects; eventbus reads both), the data as the
+    /// payload.
+    pub fn cloud_event_binary(
+        topic: impl Into<String>,
+        ce: &CloudEvent,
+        prefix: &str,
+    ) -> Result<Self, CloudEventError> {
+        ce.validate()?;
+        let (headers, payload) = ce.to_binary(prefix);
+        let mut p = Self::new(topic, payload).event_id(ce.id.as_str());
+        p.headers = headers;
+        p.aggregate_id = cloud_event_aggregate(ce);
+        Ok(p)
     }
 
     /// Sets the event id (default: a new UUIDv7).
@@ -698,6 +738,16 @@ impl<T: Transport> Bus<T> {
     pub fn is_closed(&self) -> bool {
         self.inner.state() != State::Running || self.inner.publisher.is_closed()
     }
+}
+
+/// The aggregate of a CloudEvent: its subject, else its `partitionkey` extension.
+fn cloud_event_aggregate(ce: &CloudEvent) -> Option<String> {
+    ce.subject.clone().filter(|s| !s.is_empty()).or_else(|| {
+        ce.extensions
+            .get("partitionkey")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    })
 }
 
 /// The `eventbus.publish` span: from the call to the hand-over to the broker client (the ACK

@@ -20,6 +20,7 @@
 //! ```
 
 mod bus;
+pub mod cloudevents;
 pub mod codec;
 mod config;
 mod consume;

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::cloudevents::{self, CloudEvent, CloudEventError};
 use crate::envelope::{Envelope, EnvelopeError};
 use crate::headers::{self, Headers};
 
@@ -90,9 +91,34 @@ impl Message {
             .filter(|s| !s.is_empty())
     }
 
-    /// Parses the payload as an [`Envelope`].
+    /// Parses the payload as an [`Envelope`]. A CloudEvent (binary mode, or structured
+    /// JSON) is read as the envelope it maps to ([`crate::cloudevents`]).
     pub fn envelope(&self) -> Result<Envelope, EnvelopeError> {
-        Envelope::from_json(&self.payload)
+        let from_cloud_event = |ce: Result<CloudEvent, CloudEventError>| {
+            ce.and_then(|ce| ce.to_envelope())
+                .map_err(|e| EnvelopeError::Malformed(e.to_string()))
+        };
+        if cloudevents::is_cloud_event(&self.headers) {
+            return from_cloud_event(CloudEvent::from_message(&self.headers, &self.payload));
+        }
+        match Envelope::from_json(&self.payload) {
+            Ok(env) => Ok(env),
+            // A structured CloudEvent sent without its content type.
+            Err(e) if mentions_specversion(&self.payload) => {
+                from_cloud_event(CloudEvent::from_json(&self.payload)).map_err(|ce| match ce {
+                    EnvelopeError::Malformed(m) => {
+                        EnvelopeError::Malformed(format!("{e}; as a CloudEvent: {m}"))
+                    }
+                    other => other,
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The CloudEvent this message carries (binary or structured mode).
+    pub fn cloud_event(&self) -> Result<CloudEvent, CloudEventError> {
+        CloudEvent::from_message(&self.headers, &self.payload)
     }
 
     /// Parses the payload as JSON.
@@ -125,4 +151,9 @@ pub struct OutgoingMessage {
     pub headers: Headers,
     /// Encoded payload.
     pub payload: Bytes,
+}
+
+/// The payload mentions `"specversion"`: worth trying as a structured CloudEvent.
+fn mentions_specversion(payload: &[u8]) -> bool {
+    payload.windows(13).any(|w| w == b"\"specversion\"")
 }

@@ -23,6 +23,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
+use crate::cloudevents;
 use crate::config::DispatchConfig;
 use crate::envelope::peek_aggregate_id;
 use crate::handler::SharedHandler;
@@ -151,14 +152,20 @@ pub(crate) struct Job<D> {
 }
 
 /// The aggregate id used for routing: the `X-Aggregate-ID` header, else (envelope
-/// subscriptions, plain payloads) the envelope's `aggregate_id`, else the broker key.
+/// subscriptions) a binary-mode CloudEvent's subject, else (plain payloads) the envelope's
+/// `aggregate_id`, else the broker key.
 pub(crate) fn routing_key(msg: &Message, envelopes: bool) -> Option<Cow<'_, [u8]>> {
     if let Some(id) = msg.aggregate_id() {
         return Some(Cow::Borrowed(id.as_bytes()));
     }
-    if envelopes && msg.headers().get(headers::CONTENT_ENCODING).is_none() {
-        if let Some(id) = peek_aggregate_id(msg.payload()) {
-            return Some(Cow::Owned(id.into_bytes()));
+    if envelopes {
+        if let Some(subject) = cloudevents::binary_subject(msg.headers()) {
+            return Some(Cow::Borrowed(subject.as_bytes()));
+        }
+        if msg.headers().get(headers::CONTENT_ENCODING).is_none() {
+            if let Some(id) = peek_aggregate_id(msg.payload()) {
+                return Some(Cow::Owned(id.into_bytes()));
+            }
         }
     }
     msg.key().filter(|k| !k.is_empty()).map(Cow::Borrowed)

@@ -26,6 +26,7 @@ use crate::{
 };
 use crate::{Delivery as _, Subscription as _, SubscriptionSpec};
 
+mod cloud;
 mod compression;
 mod delivery;
 mod failures;
@@ -38,6 +39,7 @@ mod recorder;
 mod scaleout;
 mod telemetry;
 
+pub use cloud::*;
 pub use compression::*;
 pub use delivery::*;
 pub use failures::*;
@@ -226,7 +228,7 @@ macro_rules! __eventbus_kit_cases {
                 subscribe_racing_close_leaves_nothing, compression_round_trip,
                 mixed_compressed_and_plain, malformed_input_dead_letter, bad_input_is_rejected,
                 ack_settles_nak_redelivers, trace_context_crosses_the_broker,
-                middleware_wraps_the_handler
+                middleware_wraps_the_handler, cloud_events_round_trip
             ];
             current_thread [current_thread_runtime]}
     };
