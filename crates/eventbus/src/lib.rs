@@ -32,11 +32,12 @@ pub use any::{AnyAck, AnyDelivery, AnySubscription, AnyTransport, BackendConfig}
 pub use config::{Config, ConfigError, ConfigErrorKind};
 pub use eventbus_core::memory::{MemoryBroker, MemoryConfig};
 pub use eventbus_core::{
-    cloudevents, codec, headers, metric_names, middleware, new_event_id, trace, BrokerPosition,
-    Bus, BusBuilder, BusConfig, BusError, Capabilities, Compression, ConnectionState,
-    DispatchConfig, Envelope, EnvelopeError, EnvelopeHandler, Handler, HandlerError, Headers,
-    Health, Message, MetricsSnapshot, Publication, PublishConfig, PublishResult, PublishResults,
-    Receipt, RetryPolicy, SubscribeOptions, SubscriptionHandle, TransportError,
+    cloudevents, codec, duration, headers, metric_names, middleware, new_event_id, trace,
+    BrokerPosition, Bus, BusBuilder, BusConfig, BusError, Capabilities, Compression,
+    ConnectionState, DispatchConfig, Envelope, EnvelopeError, EnvelopeHandler, Handler,
+    HandlerError, Headers, Health, Message, MetricsSnapshot, Publication, PublishConfig,
+    PublishResult, PublishResults, Receipt, RetryPolicy, SubscribeOptions, SubscriptionHandle,
+    TransportError,
 };
 /// The Kafka backend's configuration types.
 #[cfg(feature = "kafka")]
