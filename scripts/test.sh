@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, exactly as CI runs it (.ci/run calls this script).
 # Installs and starts what the tests need on 127.0.0.1 (nats-server via scripts/nats.sh, the
-# Kafka-protocol broker Tansu via scripts/kafka.sh, PostgreSQL via scripts/postgres.sh), runs
-# everything, stops them again.
+# Kafka-protocol broker Tansu via scripts/kafka.sh, PostgreSQL via scripts/postgres.sh, the
+# independent clients nats-py and confluent-kafka via scripts/interop.sh), runs everything,
+# stops them again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
@@ -13,10 +14,12 @@ step "brokers"
 scripts/nats.sh fresh
 scripts/kafka.sh fresh
 scripts/postgres.sh fresh
+scripts/interop.sh install
 trap 'scripts/nats.sh stop; scripts/kafka.sh stop; scripts/postgres.sh stop' EXIT
 eval "$(scripts/nats.sh env | sed 's/^/export /')"
 eval "$(scripts/kafka.sh env | sed 's/^/export /')"
 eval "$(scripts/postgres.sh env | sed 's/^/export /')"
+eval "$(scripts/interop.sh env | sed 's/^/export /')"
 echo "EVENTBUS_NATS_URL=$EVENTBUS_NATS_URL EVENTBUS_KAFKA_BROKERS=$EVENTBUS_KAFKA_BROKERS EVENTBUS_POSTGRES_URL=$EVENTBUS_POSTGRES_URL"
 
 step "format"

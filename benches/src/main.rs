@@ -78,6 +78,9 @@ struct Args {
     /// library's, 1,024).
     #[arg(long)]
     dedup_window: Option<usize>,
+    /// No W3C `traceparent` on the bus's publishes (default: on, as in the library).
+    #[arg(long)]
+    no_trace_context: bool,
     /// Global workers of the bus dispatcher (default 2 × cores).
     #[arg(long)]
     global_workers: Option<usize>,
@@ -209,6 +212,7 @@ fn main() -> ExitCode {
             .unwrap_or(eventbus::kafka::DEFAULT_FETCH_WAIT.as_millis() as u64),
         keyed_buffer: args.keyed_buffer,
         dedup_window: args.dedup_window,
+        trace_context: !args.no_trace_context,
         publishers_per_topic: None,
         period: None,
         instances: 1,

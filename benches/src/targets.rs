@@ -102,6 +102,8 @@ pub struct Knobs {
     /// The bus's keyed buffer and dedup window (`None`: the library's defaults).
     pub keyed_buffer: Option<usize>,
     pub dedup_window: Option<usize>,
+    /// W3C trace context on the bus's publishes.
+    pub trace_context: bool,
     /// Publisher tasks per topic (`None`: `publishers` in all).
     pub publishers_per_topic: Option<usize>,
     /// Sample rates and latencies per period of this length (workload-file runs).
@@ -525,6 +527,7 @@ async fn run_bus(
     if let Some(n) = k.dedup_window {
         config.dispatch.dedup_window = n;
     }
+    config.publish.propagate_trace = k.trace_context;
     let mut peaks = Peaks::reset(k);
     let bus: EventBus = eventbus::connect(backend(target, &plan, k)?, config)
         .await
