@@ -47,6 +47,13 @@ pub enum Command {
     /// Dead letters of a topic.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// How far a consumer group is behind on a topic, per partition.
+    Lag {
+        /// Topic.
+        topic: String,
+        /// Consumer group.
+        group: String,
+    },
     /// The broker comparison tool (`eventbus-bench`, next to this binary); arguments pass
     /// through.
     Bench {

@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use eventbus::{BusError, Config, ConfigError};
 
-use args::{Cli, Command, DlqCommand};
+use args::{Cli, Command, DlqCommand, Output};
 
 /// Why a command failed, and its exit code.
 #[derive(Debug)]
@@ -103,6 +103,51 @@ fn bench(args: &[String]) -> Result<(), Failure> {
     }
 }
 
+/// `lag`: per partition and in total.
+async fn lag(
+    bus: &eventbus::EventBus,
+    topic: &str,
+    group: &str,
+    output: Output,
+) -> Result<(), Failure> {
+    let Some(lag) = bus.lag(topic, group).await.map_err(Failure::Bus)? else {
+        return Err(Failure::Usage(format!(
+            "the {} backend does not report consumer lag",
+            bus.health().backend
+        )));
+    };
+    match output {
+        Output::Json => {
+            let partitions: Vec<serde_json::Value> = lag
+                .partitions
+                .iter()
+                .map(|p| serde_json::json!({"partition": p.partition, "pending": p.pending, "unacked": p.unacked}))
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({"topic": topic, "group": group, "total": lag.total(), "partitions": partitions})
+            );
+        }
+        Output::Text => {
+            println!("{topic} / {group}: {} behind", lag.total());
+            for p in lag
+                .partitions
+                .iter()
+                .filter(|p| p.pending + p.unacked.unwrap_or(0) > 0)
+            {
+                match p.unacked {
+                    Some(u) => println!(
+                        "  partition {:>3}: {} pending, {u} unacknowledged",
+                        p.partition, p.pending
+                    ),
+                    None => println!("  partition {:>3}: {} behind", p.partition, p.pending),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn run(cli: Cli) -> Result<(), Failure> {
     if let Command::Bench { args } = &cli.command {
         return bench(args);
@@ -124,6 +169,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let topic = format!("{}{suffix}", args.read.topic);
             dlq::replay(&bus, &topic, &args.read, cli.output).await
         }
+        Command::Lag { topic, group } => lag(&bus, &topic, &group, cli.output).await,
         Command::Bench { .. } => Ok(()),
     };
     let closed = bus.close().await.map_err(Failure::Bus);

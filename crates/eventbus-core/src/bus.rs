@@ -23,7 +23,7 @@ use crate::middleware::{Layer, Layers};
 use crate::publish::{PublishResult, PublishResults, Publisher, ResultCallback};
 use crate::trace::{self, TraceContext};
 use crate::transport::{
-    validate_topic, Capabilities, ConnectionState, Health, Subscription, SubscriptionSpec,
+    validate_topic, Capabilities, ConnectionState, Health, Lag, Subscription, SubscriptionSpec,
     Transport,
 };
 
@@ -719,6 +719,17 @@ impl<T: Transport> Bus<T> {
             h.state = ConnectionState::Closed;
         }
         h
+    }
+
+    /// How far consumer `group` is behind on `topic`, as the broker reports it (`None`: the
+    /// backend cannot tell). Any group can be asked, not only this bus's.
+    pub async fn lag(&self, topic: &str, group: &str) -> Result<Option<Lag>, BusError> {
+        validate_topic(topic)?;
+        validate_group(group)?;
+        if self.inner.state() == State::Closed {
+            return Err(BusError::Closed);
+        }
+        Ok(self.inner.transport.lag(topic, group).await?)
     }
 
     /// A snapshot of the counters.

@@ -61,6 +61,6 @@ pub use message::{BrokerPosition, Message, OutgoingMessage};
 pub use publish::{PublishResult, PublishResults, ResultCallback};
 pub use secret::Secret;
 pub use transport::{
-    validate_topic, Capabilities, ConnectionState, Delivery, Health, Receipt, Subscription,
-    SubscriptionSpec, Transport, MAX_TOPIC_LEN,
+    validate_topic, Capabilities, ConnectionState, Delivery, Health, Lag, PartitionLag, Receipt,
+    Subscription, SubscriptionSpec, Transport, MAX_TOPIC_LEN,
 };

@@ -70,6 +70,36 @@ pub struct SubscriptionSpec {
     pub group: String,
 }
 
+/// A consumer group's backlog on one topic, per partition, as the broker reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lag {
+    /// One entry per partition of the topic.
+    pub partitions: Vec<PartitionLag>,
+}
+
+impl Lag {
+    /// Messages not yet acknowledged by the group, over every partition (pending plus
+    /// unacknowledged where the broker counts those apart).
+    pub fn total(&self) -> u64 {
+        self.partitions
+            .iter()
+            .map(|p| p.pending + p.unacked.unwrap_or(0))
+            .sum()
+    }
+}
+
+/// One partition's backlog.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PartitionLag {
+    /// The partition.
+    pub partition: u32,
+    /// Messages the group has not acknowledged and that are not out for delivery (Kafka:
+    /// end offset minus committed offset, which includes what is in flight).
+    pub pending: u64,
+    /// Delivered but not yet acknowledged, where the broker counts them apart (NATS, memory).
+    pub unacked: Option<u64>,
+}
+
 /// A broker client. One per bus (one connection per bus).
 pub trait Transport: Send + Sync + 'static {
     /// Resolves with the broker's ACK of one message. `Unpin` so the ACK collector can keep
@@ -99,6 +129,17 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Connection state.
     fn health(&self) -> Health;
+
+    /// How far consumer `group` is behind on `topic`, as the broker reports it; `None` when
+    /// the backend cannot tell. A group that never consumed has everything stored pending.
+    fn lag(
+        &self,
+        topic: &str,
+        group: &str,
+    ) -> impl Future<Output = Result<Option<Lag>, TransportError>> + Send {
+        let _ = (topic, group);
+        async { Ok(None) }
+    }
 
     /// Disconnects. Called once, after every subscription and publish has finished.
     fn close(&self) -> impl Future<Output = Result<(), TransportError>> + Send;

@@ -23,6 +23,7 @@
 
 mod config;
 mod consumer;
+mod lag;
 mod offsets;
 mod transport;
 

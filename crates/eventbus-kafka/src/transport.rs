@@ -9,8 +9,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use eventbus_core::{
-    BrokerPosition, Capabilities, ConnectionState, ErrorDetail, Health, OutgoingMessage, Receipt,
-    SubscriptionSpec, Transport, TransportError,
+    BrokerPosition, Capabilities, ConnectionState, ErrorDetail, Health, Lag, OutgoingMessage,
+    Receipt, SubscriptionSpec, Transport, TransportError,
 };
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
@@ -372,6 +372,18 @@ impl Transport for KafkaTransport {
             return Err(TransportError::Closed);
         }
         KafkaSubscription::create(&self.config, spec, self.closed.clone())
+    }
+
+    async fn lag(&self, topic: &str, group: &str) -> Result<Option<Lag>, TransportError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(TransportError::Closed);
+        }
+        let (config, topic, group) = (self.config.clone(), topic.to_string(), group.to_string());
+        let timeout = self.config.request_timeout;
+        tokio::task::spawn_blocking(move || crate::lag::group_lag(&config, &topic, &group, timeout))
+            .await
+            .map_err(|e| TransportError::Unavailable(format!("lag: {e}").into()))?
+            .map(Some)
     }
 
     fn health(&self) -> Health {

@@ -27,6 +27,7 @@
 mod ack;
 mod config;
 mod group;
+mod lag;
 mod naming;
 mod subscription;
 mod transport;

@@ -12,8 +12,8 @@ use async_nats::jetstream::{self, kv, stream};
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use eventbus_core::partitioner::partition_for;
 use eventbus_core::{
-    Capabilities, ConnectionState, ErrorDetail, Headers, Health, OutgoingMessage, SubscriptionSpec,
-    Transport, TransportError,
+    Capabilities, ConnectionState, ErrorDetail, Headers, Health, Lag, OutgoingMessage,
+    SubscriptionSpec, Transport, TransportError,
 };
 
 use crate::ack::{publish_error, NatsAck, Republish};
@@ -429,6 +429,13 @@ impl Transport for NatsTransport {
             Err(_) if self.closed.load(Ordering::Acquire) => Err(TransportError::Closed),
             other => other,
         }
+    }
+
+    async fn lag(&self, topic: &str, group: &str) -> Result<Option<Lag>, TransportError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(TransportError::Closed);
+        }
+        self.group_lag(topic, group).await.map(Some)
     }
 
     fn health(&self) -> Health {

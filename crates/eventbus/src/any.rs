@@ -9,7 +9,7 @@ use eventbus_core::memory::{
     MemoryBroker, MemoryConfig, MemoryDelivery, MemorySubscription, MemoryTransport,
 };
 use eventbus_core::{
-    BusError, Capabilities, Delivery, Health, Message, OutgoingMessage, Receipt, Subscription,
+    BusError, Capabilities, Delivery, Health, Lag, Message, OutgoingMessage, Receipt, Subscription,
     SubscriptionSpec, Transport, TransportError,
 };
 
@@ -202,6 +202,10 @@ impl Transport for AnyTransport {
 
     fn health(&self) -> Health {
         each!(self, AnyTransport, |t| t.health())
+    }
+
+    async fn lag(&self, topic: &str, group: &str) -> Result<Option<Lag>, TransportError> {
+        each!(self, AnyTransport, |t| t.lag(topic, group).await)
     }
 
     async fn close(&self) -> Result<(), TransportError> {

@@ -35,9 +35,9 @@ pub use eventbus_core::{
     cloudevents, codec, duration, headers, metric_names, middleware, new_event_id, trace,
     BrokerPosition, Bus, BusBuilder, BusConfig, BusError, Capabilities, Compression,
     ConnectionState, DispatchConfig, Envelope, EnvelopeError, EnvelopeHandler, Handler,
-    HandlerError, Headers, Health, Message, MetricsSnapshot, Publication, PublishConfig,
-    PublishResult, PublishResults, Receipt, RetryPolicy, SubscribeOptions, SubscriptionHandle,
-    TransportError,
+    HandlerError, Headers, Health, Lag, Message, MetricsSnapshot, PartitionLag, Publication,
+    PublishConfig, PublishResult, PublishResults, Receipt, RetryPolicy, SubscribeOptions,
+    SubscriptionHandle, TransportError,
 };
 /// The Kafka backend's configuration types.
 #[cfg(feature = "kafka")]

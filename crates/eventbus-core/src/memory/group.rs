@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::message::{BrokerPosition, Message};
+use crate::transport::{Lag, PartitionLag};
 
 use super::log::{Partition, Topic, TopicState};
 use super::transport::MemoryDelivery;
@@ -55,6 +56,33 @@ impl Group {
 }
 
 impl TopicState {
+    /// `group`'s backlog: per partition, messages past its position plus those waiting for
+    /// redelivery (pending) and those out for delivery (unacked); a group that never
+    /// consumed has everything stored pending.
+    pub(super) fn lag(&self, group: &str) -> Lag {
+        let g = self.group_index.get(group).map(|i| &self.groups[*i]);
+        let partitions = self
+            .partitions
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let (pending, unacked) = match g.and_then(|g| g.parts.get(i)) {
+                    Some(gp) => (
+                        p.end().saturating_sub(gp.next.max(p.base)) + gp.redeliver.len() as u64,
+                        gp.in_flight.len() as u64,
+                    ),
+                    None => (p.end() - p.base, 0),
+                };
+                PartitionLag {
+                    partition: i as u32,
+                    pending,
+                    unacked: Some(unacked),
+                }
+            })
+            .collect();
+        Lag { partitions }
+    }
+
     pub(super) fn join(&mut self, group: &str, member: u64) -> usize {
         let idx = match self.group_index.get(group) {
             Some(i) => *i,

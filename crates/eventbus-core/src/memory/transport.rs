@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use crate::error::TransportError;
 use crate::message::{Message, OutgoingMessage};
 use crate::transport::{
-    Capabilities, ConnectionState, Delivery, Health, Receipt, Subscription, SubscriptionSpec,
-    Transport,
+    validate_topic, Capabilities, ConnectionState, Delivery, Health, Lag, Receipt, Subscription,
+    SubscriptionSpec, Transport,
 };
 
 use super::log::Topic;
@@ -92,6 +92,12 @@ impl Transport for MemoryTransport {
             left: false,
             transport_closed: self.closed.clone(),
         })
+    }
+
+    async fn lag(&self, topic: &str, group: &str) -> Result<Option<Lag>, TransportError> {
+        validate_topic(topic)?;
+        let lag = lock(&self.broker.topic(topic).state).lag(group);
+        Ok(Some(lag))
     }
 
     fn health(&self) -> Health {

@@ -228,7 +228,8 @@ macro_rules! __eventbus_kit_cases {
                 subscribe_racing_close_leaves_nothing, compression_round_trip,
                 mixed_compressed_and_plain, malformed_input_dead_letter, bad_input_is_rejected,
                 ack_settles_nak_redelivers, trace_context_crosses_the_broker,
-                middleware_wraps_the_handler, cloud_events_round_trip
+                middleware_wraps_the_handler, cloud_events_round_trip,
+                lag_counts_what_a_group_has_not_acknowledged
             ];
             current_thread [current_thread_runtime]}
     };

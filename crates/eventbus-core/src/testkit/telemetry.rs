@@ -206,3 +206,59 @@ pub async fn middleware_wraps_the_handler<B: Backend>(b: &B) {
     assert!(m.retries >= 1 && m.handler_errors >= 2, "{m:?}");
     bus.close().await.expect("close");
 }
+
+/// Consumer lag as the broker reports it: a group that never consumed has everything stored
+/// pending; a group that handled everything drops to zero once its acknowledgements reach
+/// the broker; the untouched group still has everything.
+pub async fn lag_counts_what_a_group_has_not_acknowledged<B: Backend>(b: &B) {
+    let bus = connect(b, kit_config()).await;
+    let topic = unique("lag");
+    let (idle, busy) = (unique("idle"), unique("busy"));
+    let n = 12;
+    for v in 1..=n {
+        let r = bus
+            .publish_envelope_and_wait(&topic, &env(&format!("agg-{}", v % 3), v))
+            .await
+            .expect("publish");
+        assert!(r.is_ok(), "{r:?}");
+    }
+    let Some(before) = bus.lag(&topic, &idle).await.expect("lag") else {
+        println!("{}: the backend reports no lag", bus.health().backend);
+        bus.close().await.expect("close");
+        return;
+    };
+    assert_eq!(before.total(), n as u64, "{before:?}");
+    let rec: Recorder<Envelope> = Recorder::default();
+    bus.subscribe_envelope(&topic, &busy, rec.envelope_handler())
+        .await
+        .expect("subscribe");
+    rec.wait_for(n as usize, "every message handled").await;
+    // Acknowledgements (NATS acks, Kafka's periodic commits) reach the broker a little later;
+    // there is no event to wait for, so ask again until they have.
+    let caught_up = hang_guard("the busy group's lag to reach zero", async {
+        loop {
+            let lag = bus
+                .lag(&topic, &busy)
+                .await
+                .expect("lag")
+                .expect("reported");
+            if lag.total() == 0 {
+                return lag;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(!caught_up.partitions.is_empty());
+    let untouched = bus
+        .lag(&topic, &idle)
+        .await
+        .expect("lag")
+        .expect("reported");
+    assert_eq!(untouched.total(), n as u64, "{untouched:?}");
+    assert!(
+        bus.lag("bad topic", &idle).await.is_err(),
+        "a bad name is an error"
+    );
+    bus.close().await.expect("close");
+}
