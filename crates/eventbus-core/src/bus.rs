@@ -418,13 +418,15 @@ impl<T: Transport> Bus<T> {
             headers.set_str(headers::AGGREGATE_ID, a);
         }
         let cfg = self.inner.publisher.config();
-        let span = if cfg.propagate_trace {
+        let span = publish_span(&topic, &event_id);
+        if cfg.propagate_trace {
             let (ctx, parent) = trace::for_publish(&headers);
+            // Inside a handler the handle span is the publish span's parent already; an
+            // explicit traceparent is made its parent here.
+            let explicit = TraceContext::from_headers(&headers);
+            let ctx = trace::bind(&span, ctx, explicit.as_ref().or(parent.as_ref()));
             ctx.inject(&mut headers);
-            publish_span(&topic, &event_id, Some((&ctx, parent.as_ref())))
-        } else {
-            publish_span(&topic, &event_id, None)
-        };
+        }
         headers::validate(&headers)?;
         let size = payload.len() + headers.wire_len();
         if size > cfg.max_message_bytes {
@@ -762,28 +764,16 @@ fn cloud_event_aggregate(ce: &CloudEvent) -> Option<String> {
 }
 
 /// The `eventbus.publish` span: from the call to the hand-over to the broker client (the ACK
-/// is reported as a [`PublishResult`]).
-fn publish_span(
-    topic: &str,
-    event_id: &str,
-    trace: Option<(&TraceContext, Option<&TraceContext>)>,
-) -> tracing::Span {
-    let span = tracing::debug_span!(
+/// is reported as a [`PublishResult`]). Its ids are recorded once the trace context is known.
+fn publish_span(topic: &str, event_id: &str) -> tracing::Span {
+    tracing::debug_span!(
         "eventbus.publish",
         topic,
         event_id,
         trace_id = tracing::field::Empty,
         span_id = tracing::field::Empty,
         parent_span_id = tracing::field::Empty,
-    );
-    if let (Some((ctx, parent)), false) = (trace, span.is_disabled()) {
-        span.record("trace_id", ctx.trace_id());
-        span.record("span_id", ctx.span_id());
-        if let Some(p) = parent {
-            span.record("parent_span_id", p.span_id());
-        }
-    }
-    span
+    )
 }
 
 fn validate_group(group: &str) -> Result<(), BusError> {

@@ -98,7 +98,10 @@ impl Message {
             ce.and_then(|ce| ce.to_envelope())
                 .map_err(|e| EnvelopeError::Malformed(e.to_string()))
         };
-        if cloudevents::is_cloud_event(&self.headers) {
+        // The bus's own envelopes carry X-Event-Type: no CloudEvent to look for.
+        if self.headers.get(headers::EVENT_TYPE).is_none()
+            && cloudevents::is_cloud_event(&self.headers)
+        {
             return from_cloud_event(CloudEvent::from_message(&self.headers, &self.payload));
         }
         match Envelope::from_json(&self.payload) {

@@ -18,7 +18,7 @@ use crate::headers;
 use crate::message::{Message, OutgoingMessage};
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
-use crate::trace::TraceContext;
+use crate::trace::{self, TraceContext};
 use crate::transport::{Delivery, Transport};
 
 /// Longest error text copied into a dead letter's header.
@@ -95,13 +95,11 @@ impl<T: Transport> WorkerContext<T> {
             event_id = msg.event_id().unwrap_or_default(),
             aggregate_id = msg.aggregate_id().unwrap_or_default(),
             delivery = msg.delivery_count(),
-            trace_id = %trace.trace_id(),
-            span_id = %trace.span_id(),
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
             parent_span_id = tracing::field::Empty,
         );
-        if let (Some(p), false) = (&parent, span.is_disabled()) {
-            span.record("parent_span_id", p.span_id());
-        }
+        let trace = trace::bind(&span, trace, parent.as_ref());
         let outcome = trace
             .scope(self.retry_in_place(route, msg, &delivery))
             .instrument(span)

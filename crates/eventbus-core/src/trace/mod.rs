@@ -9,8 +9,9 @@
 //!   never an error), runs the handler in a child context — so `current()` inside the handler
 //!   has the publish span as parent and publishes from it continue the trace.
 //! - Both open a `tracing` span (`eventbus.publish`, `eventbus.handle`) whose `trace_id`,
-//!   `span_id` and `parent_span_id` fields carry these ids, for log correlation or an
-//!   OpenTelemetry bridge.
+//!   `span_id` and `parent_span_id` fields carry these ids, for log correlation.
+//! - Feature `opentelemetry`: with `tracing-opentelemetry`'s layer installed those spans are
+//!   OpenTelemetry spans of the message's trace, and the ids above are theirs.
 //!
 //! ```
 //! use eventbus_core::trace::TraceContext;
@@ -27,6 +28,9 @@ use std::future::Future;
 use std::sync::Arc;
 
 use crate::headers::{self, Headers};
+
+#[cfg(feature = "opentelemetry")]
+pub(crate) mod otel;
 
 tokio::task_local! {
     static CURRENT: TraceContext;
@@ -57,6 +61,26 @@ impl TraceContext {
             parent: None,
             flags: 0x01,
             state: None,
+        }
+    }
+
+    /// A context from its parts (for bridges to tracing systems): trace id, span id, the
+    /// parent's span id, flags and `tracestate`.
+    pub fn from_parts(
+        trace_id: [u8; 16],
+        span_id: [u8; 8],
+        parent: Option<[u8; 8]>,
+        flags: u8,
+        tracestate: Option<&str>,
+    ) -> Self {
+        Self {
+            trace_id,
+            span_id,
+            parent,
+            flags,
+            state: tracestate
+                .filter(|s| !s.is_empty() && s.len() <= MAX_TRACESTATE_LEN)
+                .map(Arc::from),
         }
     }
 
@@ -219,6 +243,42 @@ pub(crate) fn for_publish(h: &Headers) -> (TraceContext, Option<TraceContext>) {
     (ctx, parent)
 }
 
+/// Records `ctx`'s ids in `span`'s `trace_id`, `span_id` and `parent_span_id` fields.
+pub(crate) fn record_ids(span: &tracing::Span, ctx: &TraceContext, parent: Option<&TraceContext>) {
+    if span.is_disabled() {
+        return;
+    }
+    span.record("trace_id", ctx.trace_id());
+    span.record("span_id", ctx.span_id());
+    if let Some(p) = ctx
+        .parent_span_id()
+        .or_else(|| parent.map(TraceContext::span_id))
+    {
+        span.record("parent_span_id", p);
+    }
+}
+
+/// `ctx` adjusted to the span that carries it: with the `opentelemetry` feature and an
+/// OpenTelemetry layer, `span` becomes a child of `parent` and `ctx` takes its ids.
+pub(crate) fn bind(
+    span: &tracing::Span,
+    ctx: TraceContext,
+    parent: Option<&TraceContext>,
+) -> TraceContext {
+    #[cfg(feature = "opentelemetry")]
+    {
+        if let Some(p) = parent {
+            otel::set_parent(span, p);
+        }
+        if let Some(bridged) = otel::context_of(span, parent) {
+            record_ids(span, &bridged, parent);
+            return bridged;
+        }
+    }
+    record_ids(span, &ctx, parent);
+    ctx
+}
+
 /// The random half of a UUIDv7: 8 bytes, never all zero (the variant bits are set).
 fn new_span_id() -> [u8; 8] {
     let bytes = uuid::Uuid::now_v7().into_bytes();
@@ -333,92 +393,5 @@ mod tests {
         let (root, none) = for_publish(&Headers::new());
         assert!(none.is_none());
         assert_ne!(root.trace_id(), explicit.trace_id());
-    }
-
-    /// Records the fields of every span, for the span-linking test.
-    #[derive(Default)]
-    struct Spans(std::sync::Mutex<Vec<(&'static str, std::collections::HashMap<String, String>)>>);
-
-    struct Fields<'a>(&'a mut std::collections::HashMap<String, String>);
-
-    impl tracing::field::Visit for Fields<'_> {
-        fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-            self.0.insert(field.name().to_string(), value.to_string());
-        }
-        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
-            self.0
-                .insert(field.name().to_string(), format!("{value:?}"));
-        }
-    }
-
-    struct Collector(Arc<Spans>);
-
-    impl tracing::Subscriber for Collector {
-        fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
-            metadata.is_span()
-        }
-        fn new_span(&self, attrs: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-            let mut fields = std::collections::HashMap::new();
-            attrs.record(&mut Fields(&mut fields));
-            let mut spans = self.0 .0.lock().expect("spans");
-            spans.push((attrs.metadata().name(), fields));
-            tracing::span::Id::from_u64(spans.len() as u64)
-        }
-        fn record(&self, id: &tracing::span::Id, values: &tracing::span::Record<'_>) {
-            let mut spans = self.0 .0.lock().expect("spans");
-            if let Some((_, fields)) = spans.get_mut(id.into_u64() as usize - 1) {
-                values.record(&mut Fields(fields));
-            }
-        }
-        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-        fn event(&self, _: &tracing::Event<'_>) {}
-        fn enter(&self, _: &tracing::span::Id) {}
-        fn exit(&self, _: &tracing::span::Id) {}
-    }
-
-    /// The `eventbus.handle` span's `parent_span_id` is the `eventbus.publish` span's
-    /// `span_id`, in the same trace (memory backend; every backend's kit checks the
-    /// contexts themselves in `trace_context_crosses_the_broker`).
-    #[test]
-    fn handle_span_is_a_child_of_the_publish_span() {
-        let spans = Arc::new(Spans::default());
-        let _guard = tracing::subscriber::set_default(Collector(spans.clone()));
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            let bus = crate::Bus::builder(crate::memory::MemoryTransport::new())
-                .build()
-                .expect("bus");
-            let (tx, mut rx) = tokio::sync::mpsc::channel(1);
-            bus.subscribe("traced", "g", move |_m: crate::Message| {
-                let tx = tx.clone();
-                async move {
-                    let _ = tx.send(TraceContext::current()).await;
-                    Ok(())
-                }
-            })
-            .await
-            .expect("subscribe");
-            bus.publish("traced", &b"x"[..]).await.expect("publish");
-            let current = rx.recv().await.expect("handled").expect("a context");
-            bus.close().await.expect("close");
-            let spans = spans.0.lock().expect("spans");
-            let find = |name: &str| {
-                spans
-                    .iter()
-                    .find(|(n, f)| {
-                        *n == name && f.get("topic").map(String::as_str) == Some("traced")
-                    })
-                    .map(|(_, f)| f.clone())
-                    .unwrap_or_else(|| panic!("no {name} span in {spans:?}"))
-            };
-            let (publish, handle) = (find("eventbus.publish"), find("eventbus.handle"));
-            assert_eq!(handle["trace_id"], publish["trace_id"]);
-            assert_eq!(handle["parent_span_id"], publish["span_id"]);
-            assert_eq!(handle["span_id"], current.span_id());
-            assert_eq!(handle["group"], "g");
-        });
     }
 }
