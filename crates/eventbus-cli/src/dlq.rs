@@ -71,6 +71,8 @@ pub async fn replay(
     let deadline = args.count.map(|_| Instant::now() + args.timeout);
     let mut progress = Progress::new("replayed");
     let mut replayed = 0usize;
+    // A dead letter whose replay failed: held until the subscription is stopping.
+    let mut unfinished = None;
     let outcome = loop {
         if args.count.is_some_and(|c| replayed >= c) {
             break Ok(());
@@ -80,7 +82,10 @@ pub async fn replay(
                 let p = match replay_of(&item.msg) {
                     Ok(p) => p,
                     // Left where it is: handed back when the reader stops.
-                    Err(e) => break Err(Failure::Input(e)),
+                    Err(e) => {
+                        unfinished = Some(item);
+                        break Err(Failure::Input(e));
+                    }
                 };
                 match bus.send_and_wait(p).await {
                     Ok(r) if r.is_ok() => {
@@ -91,9 +96,13 @@ pub async fn replay(
                     }
                     Ok(r) => {
                         print_result(output, &r);
+                        unfinished = Some(item);
                         break Err(Failure::Rejected(1));
                     }
-                    Err(e) => break Err(Failure::Bus(e)),
+                    Err(e) => {
+                        unfinished = Some(item);
+                        break Err(Failure::Bus(e));
+                    }
                 }
             }
             Next::Idle | Next::Interrupted => break Ok(()),
@@ -106,7 +115,7 @@ pub async fn replay(
         }
     };
     progress.finish();
-    reader.stop().await;
+    reader.stop(unfinished).await;
     outcome?;
     match args.count {
         Some(c) if replayed < c => Err(Failure::Short {

@@ -97,14 +97,17 @@ impl Reader {
     }
 
     /// Stops the subscription first (messages not yet started go back to the broker), then
-    /// releases the handlers waiting on the command, whose messages go back too.
-    pub async fn stop(self) {
+    /// releases the handlers waiting on the command — among them `unfinished`, an item the
+    /// command took but could not finish — whose messages go back too. Releasing one before
+    /// the stop would count as a failed attempt and be retried, or dead-lettered.
+    pub async fn stop(self, unfinished: Option<Item>) {
         let Reader { rx, handle } = self;
         let mut unsubscribe = pin!(handle.unsubscribe());
         // Its first poll marks the subscription stopping before it waits for the handlers.
         let finished =
             std::future::poll_fn(|cx| Poll::Ready(unsubscribe.as_mut().poll(cx).is_ready())).await;
         drop(rx);
+        drop(unfinished);
         if !finished {
             unsubscribe.await;
         }

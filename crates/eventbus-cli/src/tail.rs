@@ -53,7 +53,7 @@ pub async fn run(
             Next::TimedOut => break Err(()),
         }
     };
-    reader.stop().await;
+    reader.stop(None).await;
     match (outcome, args.count) {
         (Ok(()), Some(c)) if printed < c => Err(Failure::Short {
             got: printed,
