@@ -1,6 +1,6 @@
 //! `publish`: envelopes from the argument or stdin, every ACK awaited and reported.
 
-use eventbus::{BusError, Envelope, EventBus, PublishResult};
+use eventbus::{BusError, Envelope, EnvelopeError, EventBus, PublishResult};
 use serde_json::Value;
 use tokio::io::AsyncBufReadExt;
 
@@ -24,7 +24,10 @@ pub fn envelope_from(text: &str) -> Result<Envelope, String> {
             .unwrap_or(Value::Null)
     });
     obj.entry("payload").or_insert(Value::Null);
-    Envelope::from_json(v.to_string().as_bytes()).map_err(|e| e.to_string())
+    let env: Envelope = serde_json::from_value(v)
+        .map_err(|e| EnvelopeError::Malformed(e.to_string()).to_string())?;
+    env.validate().map_err(|e| e.to_string())?;
+    Ok(env)
 }
 
 /// Publishes and prints one result per envelope; a failed publish makes the exit code 1.

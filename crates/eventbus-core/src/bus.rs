@@ -21,7 +21,7 @@ use crate::message::OutgoingMessage;
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::middleware::{Layer, Layers};
 use crate::publish::{PublishResult, PublishResults, Publisher, ResultCallback};
-use crate::trace::{self, TraceContext};
+use crate::trace;
 use crate::transport::{
     validate_topic, Capabilities, ConnectionState, Health, Lag, Subscription, SubscriptionSpec,
     Transport,
@@ -420,11 +420,9 @@ impl<T: Transport> Bus<T> {
         let cfg = self.inner.publisher.config();
         let span = publish_span(&topic, &event_id);
         if cfg.propagate_trace {
+            // The parent: the message's own traceparent, else the handling this runs in.
             let (ctx, parent) = trace::for_publish(&headers);
-            // Inside a handler the handle span is the publish span's parent already; an
-            // explicit traceparent is made its parent here.
-            let explicit = TraceContext::from_headers(&headers);
-            let ctx = trace::bind(&span, ctx, explicit.as_ref().or(parent.as_ref()));
+            let ctx = trace::bind(&span, ctx, parent.as_ref());
             ctx.inject(&mut headers);
         }
         headers::validate(&headers)?;

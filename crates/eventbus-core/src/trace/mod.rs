@@ -244,16 +244,13 @@ pub(crate) fn for_publish(h: &Headers) -> (TraceContext, Option<TraceContext>) {
 }
 
 /// Records `ctx`'s ids in `span`'s `trace_id`, `span_id` and `parent_span_id` fields.
-pub(crate) fn record_ids(span: &tracing::Span, ctx: &TraceContext, parent: Option<&TraceContext>) {
+fn record_ids(span: &tracing::Span, ctx: &TraceContext) {
     if span.is_disabled() {
         return;
     }
     span.record("trace_id", ctx.trace_id());
     span.record("span_id", ctx.span_id());
-    if let Some(p) = ctx
-        .parent_span_id()
-        .or_else(|| parent.map(TraceContext::span_id))
-    {
+    if let Some(p) = ctx.parent_span_id() {
         span.record("parent_span_id", p);
     }
 }
@@ -265,17 +262,19 @@ pub(crate) fn bind(
     ctx: TraceContext,
     parent: Option<&TraceContext>,
 ) -> TraceContext {
+    #[cfg(not(feature = "opentelemetry"))]
+    let _ = parent;
     #[cfg(feature = "opentelemetry")]
     {
         if let Some(p) = parent {
             otel::set_parent(span, p);
         }
         if let Some(bridged) = otel::context_of(span, parent) {
-            record_ids(span, &bridged, parent);
+            record_ids(span, &bridged);
             return bridged;
         }
     }
-    record_ids(span, &ctx, parent);
+    record_ids(span, &ctx);
     ctx
 }
 
