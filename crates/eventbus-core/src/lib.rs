@@ -59,7 +59,7 @@ pub use handler::{EnvelopeHandler, Handler};
 pub use headers::Headers;
 pub use message::{BrokerPosition, Message, OutgoingMessage};
 pub use publish::{PublishResult, PublishResults, ResultCallback};
-pub use secret::Secret;
+pub use secret::{redact_url, Secret};
 pub use transport::{
     validate_topic, Capabilities, ConnectionState, Delivery, Health, Lag, PartitionLag, Receipt,
     Subscription, SubscriptionSpec, Transport, MAX_TOPIC_LEN,

@@ -1,4 +1,5 @@
-//! [`Secret`]: a credential that never appears in `Debug` output or logs.
+//! [`Secret`]: a credential that never appears in `Debug` output or logs, and
+//! [`redact_url`] for URLs that carry one.
 
 /// A secret string (password, token, key). `Debug` prints `Secret(***)`.
 ///
@@ -55,4 +56,25 @@ impl<'de> serde::Deserialize<'de> for Secret {
         }
         d.deserialize_any(SecretVisitor)
     }
+}
+
+/// A server URL (or a comma-separated list) with any `user:password@` or `token@` part
+/// replaced by `***@`, for errors, logs and `Debug` output.
+///
+/// ```
+/// use eventbus_core::redact_url;
+/// assert_eq!(redact_url("nats://bob:pw@h:4222,nats://h2:4222"), "nats://***@h:4222,nats://h2:4222");
+/// assert_eq!(redact_url("tok@h:1"), "***@h:1");
+/// ```
+pub fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|u| {
+            let start = u.find("://").map_or(0, |s| s + 3);
+            match u.rfind('@') {
+                Some(at) if at >= start => format!("{}***@{}", &u[..start], &u[at + 1..]),
+                _ => u.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }

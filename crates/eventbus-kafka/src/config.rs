@@ -56,7 +56,7 @@ impl Default for TopicSettings {
 }
 
 /// Producer tuning.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProducerSettings {
     /// `compression.type` (default `lz4`: native Kafka batch compression). The only
@@ -73,6 +73,42 @@ pub struct ProducerSettings {
     /// Any other librdkafka producer property.
     #[serde(deserialize_with = "properties")]
     pub extra: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for ProducerSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProducerSettings")
+            .field("compression", &self.compression)
+            .field("linger_ms", &self.linger_ms)
+            .field("batch_num_messages", &self.batch_num_messages)
+            .field("message_timeout", &self.message_timeout)
+            .field("extra", &Properties(&self.extra))
+            .finish()
+    }
+}
+
+/// `extra` librdkafka properties in `Debug` output: the values of secret ones (passwords,
+/// keys, tokens, JAAS/OAuth configurations) are printed as `***`.
+struct Properties<'a>(&'a [(String, String)]);
+
+impl std::fmt::Debug for Properties<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const SECRET: [&str; 6] = [
+            "password",
+            "secret",
+            "token",
+            "jaas",
+            "oauthbearer.config",
+            ".pem",
+        ];
+        f.debug_list()
+            .entries(self.0.iter().map(|(k, v)| {
+                let lower = k.to_ascii_lowercase();
+                let hidden = SECRET.iter().any(|s| lower.contains(s));
+                (k.as_str(), if hidden { "***" } else { v.as_str() })
+            }))
+            .finish()
+    }
 }
 
 impl Default for ProducerSettings {
@@ -94,7 +130,7 @@ pub const DEFAULT_FETCH_WAIT: Duration = Duration::from_millis(100);
 pub const DEFAULT_PREFETCH_KBYTES: usize = 16 * 1024;
 
 /// Consumer tuning.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ConsumerSettings {
     /// `session.timeout.ms` (default 10 s).
@@ -122,6 +158,19 @@ pub struct ConsumerSettings {
     /// Any other librdkafka consumer property.
     #[serde(deserialize_with = "properties")]
     pub extra: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for ConsumerSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerSettings")
+            .field("session_timeout", &self.session_timeout)
+            .field("commit_interval", &self.commit_interval)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("fetch_wait", &self.fetch_wait)
+            .field("prefetch_kbytes", &self.prefetch_kbytes)
+            .field("extra", &Properties(&self.extra))
+            .finish()
+    }
 }
 
 impl Default for ConsumerSettings {
@@ -255,5 +304,31 @@ impl KafkaConfig {
             s.ssl_key_password.as_ref().map(Secret::expose),
         );
         c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_extra_properties_are_not_printed() {
+        let mut cfg = KafkaConfig::new("127.0.0.1:9092");
+        cfg.producer.extra = vec![
+            ("sasl.password".into(), "hunter2".into()),
+            ("linger.ms".into(), "7".into()),
+        ];
+        cfg.consumer.extra = vec![
+            ("ssl.key.pem".into(), "-----BEGIN PRIVATE KEY-----".into()),
+            (
+                "sasl.oauthbearer.config".into(),
+                "principal=x secret=y2k".into(),
+            ),
+        ];
+        let printed = format!("{cfg:?}");
+        for secret in ["hunter2", "BEGIN PRIVATE", "y2k"] {
+            assert!(!printed.contains(secret), "{printed}");
+        }
+        assert!(printed.contains("(\"linger.ms\", \"7\")"), "{printed}");
     }
 }

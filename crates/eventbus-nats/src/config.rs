@@ -168,8 +168,11 @@ impl Default for GroupSettings {
 /// let cfg = NatsConfig::new("nats://127.0.0.1:4222")
 ///     .with_auth(Auth::Token(Secret::new("s3cr3t")));
 /// assert!(!format!("{cfg:?}").contains("s3cr3t"));
+/// // Credentials in the URL are hidden too.
+/// let cfg = NatsConfig::new("nats://bob:hunter2@127.0.0.1:4222");
+/// assert!(!format!("{cfg:?}").contains("hunter2"));
 /// ```
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsConfig {
     /// Server URLs, comma-separated (`nats://host:port`).
@@ -203,6 +206,26 @@ pub struct NatsConfig {
     /// they arrive, this only bounds how long one pull request lives.
     #[serde(deserialize_with = "eventbus_core::duration::deserialize")]
     pub pull_expires: Duration,
+}
+
+/// `Debug` with the URLs' credentials (`user:password@`, `token@`) replaced by `***`.
+impl std::fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsConfig")
+            .field("url", &crate::url::redact_url(&self.url))
+            .field("name", &self.name)
+            .field("auth", &self.auth)
+            .field("tls", &self.tls)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("stream", &self.stream)
+            .field("consumer", &self.consumer)
+            .field("group", &self.group)
+            .field("max_ack_inflight", &self.max_ack_inflight)
+            .field("publish_ack_timeout", &self.publish_ack_timeout)
+            .field("publish_retries", &self.publish_retries)
+            .field("pull_expires", &self.pull_expires)
+            .finish()
+    }
 }
 
 /// The server a default configuration points at.

@@ -31,6 +31,7 @@ mod lag;
 mod naming;
 mod subscription;
 mod transport;
+mod url;
 
 pub use ack::NatsAck;
 pub use config::{

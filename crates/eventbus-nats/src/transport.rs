@@ -23,6 +23,7 @@ use crate::naming::{
     group_bucket, partition_subject, stream_name, stream_subjects, PARTITIONS_METADATA,
 };
 use crate::subscription::NatsSubscription;
+use crate::url::{redact_url, split_credentials};
 
 /// How long `close` waits for the client to report its connection ended.
 const DISCONNECT_WAIT: Duration = Duration::from_secs(10);
@@ -76,18 +77,6 @@ fn validate(config: &NatsConfig) -> Result<(), TransportError> {
     Ok(())
 }
 
-/// Strips `user:password@` from URLs so errors and logs never carry credentials.
-pub(crate) fn redact_url(url: &str) -> String {
-    url.split(',')
-        .map(|u| match (u.find("://"), u.rfind('@')) {
-            (Some(s), Some(at)) if at > s => format!("{}***@{}", &u[..s + 3], &u[at + 1..]),
-            (None, Some(at)) => format!("***@{}", &u[at + 1..]),
-            _ => u.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 impl NatsTransport {
     /// Connects (one connection) and sets up the JetStream context. Fails at once, with the
     /// address, if the server cannot be reached.
@@ -106,7 +95,18 @@ impl NatsTransport {
                     tracing::info!(%event, "nats connection event");
                 }
             });
-        opts = match &config.auth {
+        // Credentials written into the URLs become options: async-nats logs the URLs.
+        let (urls, url_auth) = split_credentials(&config.url)
+            .map_err(|e| TransportError::Other(format!("configuration: {e}").into()))?;
+        let auth = match (&config.auth, &url_auth) {
+            (Auth::None, _) => &url_auth,
+            (given, Auth::None) => given,
+            _ => return Err(TransportError::Other(
+                "configuration: credentials both in the server URL and in `auth`; give them once"
+                    .into(),
+            )),
+        };
+        opts = match auth {
             Auth::None => opts,
             Auth::Token(t) => opts.token(t.expose().to_string()),
             Auth::UserPassword { user, password } => {
@@ -128,12 +128,7 @@ impl NatsTransport {
         if let Some((cert, key)) = &config.tls.client_certificate {
             opts = opts.add_client_certificate(cert.clone(), key.clone());
         }
-        let urls: Vec<&str> = config
-            .url
-            .split(',')
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-            .collect();
+        let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
         let client = opts.connect(urls.as_slice()).await.map_err(|e| {
             let text = format!("cannot connect to NATS at {}: {e}", redact_url(&config.url));
             TransportError::Unavailable(ErrorDetail::with_source(text, e))
@@ -485,15 +480,6 @@ impl Transport for NatsTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls_are_redacted() {
-        assert_eq!(
-            redact_url("nats://bob:pw@h:4222,nats://h2:4222"),
-            "nats://***@h:4222,nats://h2:4222"
-        );
-        assert_eq!(redact_url("tok@h:1"), "***@h:1");
-    }
 
     #[test]
     fn bad_headers_are_errors_not_panics() {

@@ -59,7 +59,7 @@ const SECTIONS: [&str; 4] = ["bus", "memory", "nats", "kafka"];
 /// # Ok::<(), eventbus::BusError>(()) }).unwrap();
 /// # Ok::<(), eventbus::ConfigError>(())
 /// ```
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct Config {
@@ -77,6 +77,21 @@ pub struct Config {
     /// The Kafka backend's settings.
     #[cfg(feature = "kafka")]
     pub kafka: eventbus_kafka::KafkaConfig,
+}
+
+/// `Debug` with credentials in the URL (`nats://user:password@…`) replaced by `***`.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut d = f.debug_struct("Config");
+        d.field("url", &eventbus_core::redact_url(&self.url))
+            .field("bus", &self.bus)
+            .field("memory", &self.memory);
+        #[cfg(feature = "nats")]
+        d.field("nats", &self.nats);
+        #[cfg(feature = "kafka")]
+        d.field("kafka", &self.kafka);
+        d.finish()
+    }
 }
 
 impl Default for Config {
@@ -254,10 +269,10 @@ impl Config {
     pub fn backend(&self) -> Result<BackendConfig, ConfigError> {
         let url = self.url.trim();
         let invalid = |m: String| ConfigError::new(ConfigErrorKind::Invalid, Some("url".into()), m);
-        let scheme = url
-            .split_once("://")
-            .map(|(s, _)| s)
-            .ok_or_else(|| invalid(format!("{url:?} is not a backend URL (scheme://address)")))?;
+        let scheme = url.split_once("://").map(|(s, _)| s).ok_or_else(|| {
+            let url = eventbus_core::redact_url(url);
+            invalid(format!("{url:?} is not a backend URL (scheme://address)"))
+        })?;
         match scheme {
             "memory" => Ok(BackendConfig::Memory(self.memory.clone())),
             #[cfg(feature = "nats")]
@@ -503,6 +518,16 @@ mod tests {
             matches!(&pw.nats.auth, eventbus_nats::Auth::UserPassword { user, .. } if user == "app")
         );
         assert!(!format!("{pw:?}").contains("hunter2"));
+        // Credentials written into the URL stay hidden as well, in the configuration, the
+        // backend's settings and an error about the URL.
+        let in_url =
+            Config::from_sources(None, vars(&[("EVENTBUS_URL", "nats://app:hunter2@h:1")]))
+                .expect("parse");
+        assert!(!format!("{in_url:?}").contains("hunter2"), "{in_url:?}");
+        assert!(!format!("{:?}", in_url.backend()).contains("hunter2"));
+        let bad = Config::from_sources(None, vars(&[("EVENTBUS_URL", "app:hunter2@h:1")]))
+            .expect_err("no scheme");
+        assert!(!bad.to_string().contains("hunter2"), "{bad}");
     }
 
     #[cfg(feature = "kafka")]

@@ -76,11 +76,18 @@ pub async fn backend() -> Nats {
 pub struct OwnServer {
     pub port: u16,
     store: PathBuf,
+    /// Extra command-line options (TLS, auth).
+    args: Vec<String>,
     child: Option<Child>,
 }
 
 impl OwnServer {
     pub fn start(store: &Path) -> Self {
+        Self::start_with(store, &[])
+    }
+
+    /// Started with extra nats-server options (`--tls …`, `--user … --pass …`, `--auth …`).
+    pub fn start_with(store: &Path, args: &[&str]) -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
@@ -88,6 +95,7 @@ impl OwnServer {
         let mut s = Self {
             port,
             store: store.to_path_buf(),
+            args: args.iter().map(|a| a.to_string()).collect(),
             child: None,
         };
         s.spawn();
@@ -103,6 +111,7 @@ impl OwnServer {
             .arg(self.port.to_string())
             .arg("-sd")
             .arg(&self.store)
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
