@@ -547,6 +547,22 @@ impl<T: Transport> Bus<T> {
                 "the dead-letter topic must differ from the topic".into(),
             ));
         }
+        let already = |topic: &str, group: &str| {
+            BusError::Config(format!(
+                "group {group:?} is already subscribed to {topic:?} on this bus: one \
+                 subscription per group and topic per bus (unsubscribe it first; to share the \
+                 work, run another instance: a second bus)"
+            ))
+        };
+        if self
+            .inner
+            .life()
+            .subscriptions
+            .iter()
+            .any(|c| c.consumes(topic, group))
+        {
+            return Err(already(topic, group));
+        }
         let subscription = match self
             .inner
             .transport
@@ -574,7 +590,10 @@ impl<T: Transport> Bus<T> {
         // a close() that started meanwhile has taken the subscription list already.
         let refused = {
             let mut life = self.inner.life();
-            if life.state == State::Running {
+            if life.subscriptions.iter().any(|c| c.consumes(topic, group)) {
+                // Another subscribe of the same group won the race meanwhile.
+                Some((subscription, already(topic, group)))
+            } else if life.state == State::Running {
                 let dispatcher = self.dispatcher(&mut life);
                 let task = tokio::spawn(run_fetcher::<T>(
                     subscription,
@@ -595,14 +614,14 @@ impl<T: Transport> Bus<T> {
                 life.subscriptions.push(control.clone());
                 None
             } else {
-                Some(subscription)
+                Some((subscription, BusError::Closed))
             }
         };
-        if let Some(subscription) = refused {
+        if let Some((subscription, refusal)) = refused {
             if let Err(e) = subscription.close().await {
-                tracing::debug!(topic, group, error = %e, "closing a consumer refused by close()");
+                tracing::debug!(topic, group, error = %e, "closing a refused consumer");
             }
-            return Err(BusError::Closed);
+            return Err(refusal);
         }
         Ok(SubscriptionHandle {
             control,

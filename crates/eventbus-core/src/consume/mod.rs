@@ -45,6 +45,11 @@ impl SubscriptionControl {
         *self.done.borrow()
     }
 
+    /// Whether this running subscription consumes `topic` as `group`.
+    pub(crate) fn consumes(&self, topic: &str, group: &str) -> bool {
+        !self.is_done() && self.route.topic == topic && self.route.group == group
+    }
+
     /// Stops fetching; messages fetched but not started go back to the broker, handlers
     /// already running finish and are settled; then the consumer leaves. Returns when the
     /// fetcher task is gone.
@@ -81,6 +86,16 @@ pub struct SubscriptionHandle {
     pub(crate) control: Arc<SubscriptionControl>,
     pub(crate) topic: String,
     pub(crate) group: String,
+}
+
+impl std::fmt::Debug for SubscriptionHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubscriptionHandle")
+            .field("topic", &self.topic)
+            .field("group", &self.group)
+            .field("running", &self.is_running())
+            .finish()
+    }
 }
 
 impl SubscriptionHandle {

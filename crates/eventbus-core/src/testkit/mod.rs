@@ -21,11 +21,12 @@ use bytes::Bytes;
 use serde_json::json;
 
 use crate::{
-    headers, Bus, BusConfig, BusError, Compression, Envelope, HandlerError, Message, Publication,
-    PublishResult, RetryPolicy, Transport, TransportError,
+    headers, Bus, BusConfig, BusError, Compression, Envelope, HandlerError, Headers, Message,
+    Publication, PublishResult, RetryPolicy, Transport, TransportError,
 };
 use crate::{Delivery as _, Subscription as _, SubscriptionSpec};
 
+mod bad_input;
 mod cloud;
 mod compression;
 mod delivery;
@@ -39,6 +40,7 @@ mod recorder;
 mod scaleout;
 mod telemetry;
 
+pub use bad_input::*;
 pub use cloud::*;
 pub use compression::*;
 pub use delivery::*;
@@ -229,7 +231,7 @@ macro_rules! __eventbus_kit_cases {
                 mixed_compressed_and_plain, malformed_input_dead_letter, bad_input_is_rejected,
                 ack_settles_nak_redelivers, trace_context_crosses_the_broker,
                 middleware_wraps_the_handler, cloud_events_round_trip,
-                lag_counts_what_a_group_has_not_acknowledged
+                lag_counts_what_a_group_has_not_acknowledged, bad_input_sweep
             ];
             current_thread [current_thread_runtime]}
     };
