@@ -44,6 +44,10 @@ cargo run --locked -q -p eventbus-examples --example outbox
 EVENTBUS_URL="$EVENTBUS_NATS_URL" cargo run --locked -q -p eventbus-examples --example outbox
 cargo run --locked -q -p eventbus-examples --example prometheus
 
+step "fuzz: replay the corpus and regressions, then each target briefly"
+scripts/fuzz.sh replay
+scripts/fuzz.sh run 20
+
 step "main command, smallest level"
 cargo run --locked -q -p eventbus-benches --bin eventbus-bench -- --levels low --repeats 1
 

@@ -16,11 +16,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::nats_url;
+use common::{audit_loop, nats_url};
 use eventbus_core::testkit::{hang_guard, kit_config, kit_timeout, unique, GroupLedger};
 use eventbus_core::{Bus, Envelope, HandlerError};
 use eventbus_nats::{GroupSettings, NatsConfig, NatsTransport};
-use futures_util::StreamExt;
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -111,38 +110,6 @@ fn spawn_instance(topic: &str, group: &str, instance: u8, audit: &str) -> Child 
         .stdout(Stdio::null())
         .spawn()
         .expect("start a child instance")
-}
-
-/// Records the children's reports in `ledger`; `forget` tells it an instance was killed,
-/// in the order of the reports.
-async fn audit_loop(
-    mut reports: async_nats::Subscriber,
-    client: async_nats::Client,
-    ledger: Arc<GroupLedger>,
-    mut forget: mpsc::Receiver<u8>,
-) {
-    loop {
-        tokio::select! {
-            Some(i) = forget.recv() => ledger.forget(i),
-            m = reports.next() => {
-                let Some(m) = m else { return };
-                let text = String::from_utf8_lossy(&m.payload).to_string();
-                let f: Vec<&str> = text.split(' ').collect();
-                if let [what, instance, event_id, aggregate, version] = f.as_slice() {
-                    let instance: u8 = instance.parse().expect("instance");
-                    let version: i64 = version.parse().expect("version");
-                    if *what == "begin" {
-                        ledger.begin(instance, aggregate);
-                    } else {
-                        ledger.end(instance, event_id, aggregate, version);
-                    }
-                }
-                if let Some(reply) = m.reply {
-                    let _ = client.publish(reply, Bytes::new()).await;
-                }
-            }
-        }
-    }
 }
 
 /// The instances holding the group's partition leases, read from its bucket.

@@ -149,3 +149,35 @@ impl Drop for OwnServer {
         self.kill();
     }
 }
+
+/// Records the children's reports in `ledger`; `forget` tells it an instance was killed,
+/// in the order of the reports.
+pub async fn audit_loop(
+    mut reports: async_nats::Subscriber,
+    client: async_nats::Client,
+    ledger: std::sync::Arc<eventbus_core::testkit::GroupLedger>,
+    mut forget: tokio::sync::mpsc::Receiver<u8>,
+) {
+    loop {
+        tokio::select! {
+            Some(i) = forget.recv() => ledger.forget(i),
+            m = futures_util::StreamExt::next(&mut reports) => {
+                let Some(m) = m else { return };
+                let text = String::from_utf8_lossy(&m.payload).to_string();
+                let f: Vec<&str> = text.split(' ').collect();
+                if let [what, instance, event_id, aggregate, version] = f.as_slice() {
+                    let instance: u8 = instance.parse().expect("instance");
+                    let version: i64 = version.parse().expect("version");
+                    if *what == "begin" {
+                        ledger.begin(instance, aggregate);
+                    } else {
+                        ledger.end(instance, event_id, aggregate, version);
+                    }
+                }
+                if let Some(reply) = m.reply {
+                    let _ = client.publish(reply, bytes::Bytes::new()).await;
+                }
+            }
+        }
+    }
+}
