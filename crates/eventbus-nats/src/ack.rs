@@ -10,6 +10,7 @@ use async_nats::jetstream::{self, context::PublishErrorKind};
 use bytes::Bytes;
 use eventbus_core::{BrokerPosition, ErrorDetail, Headers, Receipt, TransportError};
 
+use crate::line::Ticket;
 use crate::naming::partition_subject;
 use crate::transport::nats_message;
 
@@ -67,26 +68,38 @@ pub(crate) struct Republish {
     pub(crate) payload: Bytes,
     /// Republishes allowed.
     pub(crate) retries: u32,
+    /// Its place in the partition's send order: republishes keep it.
+    pub(crate) ticket: Ticket,
 }
 
 impl Republish {
     /// Republishes with the same `Nats-Msg-Id` (the stream drops the copy if the first one was
     /// stored) until an ACK comes or the attempts run out.
+    /// Republishes go in the partition's send order, one at a time, and hold new publishes
+    /// to the partition meanwhile ([`crate::line`]).
     async fn run(
-        self,
+        mut self,
         first_error: jetstream::context::PublishError,
     ) -> Result<Receipt, TransportError> {
         let mut err = first_error;
         let mut attempt = 0;
         let mut backoff = FIRST_REPUBLISH_BACKOFF;
+        if retryable(err.kind()) && self.retries > 0 {
+            self.ticket.start_recovery();
+            self.ticket.turn().await;
+        }
         loop {
             if !retryable(err.kind()) || attempt >= self.retries {
                 return Err(publish_error(err));
             }
             attempt += 1;
             tracing::debug!(topic = %self.topic, partition = self.partition, attempt, error = %err, "publish ACK lost; republishing with the same Nats-Msg-Id");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(MAX_REPUBLISH_BACKOFF);
+            // The first republish goes at once (the ACK timeout already passed, and the
+            // partition's later republishes wait behind it); repeated ones back off.
+            if attempt > 1 {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_REPUBLISH_BACKOFF);
+            }
             let again = nats_message(&self.headers, &self.payload, &self.event_id)?;
             err = match self
                 .context

@@ -28,6 +28,7 @@ mod ack;
 mod config;
 mod group;
 mod lag;
+mod line;
 mod naming;
 mod subscription;
 mod transport;

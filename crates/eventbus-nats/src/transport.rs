@@ -19,6 +19,7 @@ use eventbus_core::{
 use crate::ack::{publish_error, NatsAck, Republish};
 use crate::config::{Auth, NatsConfig, Storage};
 use crate::group::GroupBucket;
+use crate::line::{lines, Lines, Ticket};
 use crate::naming::{
     group_bucket, partition_subject, stream_name, stream_subjects, PARTITIONS_METADATA,
 };
@@ -38,6 +39,8 @@ pub struct NatsTransport {
     pub(crate) config: NatsConfig,
     /// Topics whose stream exists, with their partition count.
     provisioned: RwLock<HashMap<String, u16>>,
+    /// Each topic's per-partition send order (bounded like `provisioned`: one per topic).
+    lines: RwLock<HashMap<String, Lines>>,
     /// Spreads messages without an aggregate over the partitions.
     round_robin: AtomicU32,
     closed: AtomicBool,
@@ -146,6 +149,7 @@ impl NatsTransport {
             context: RwLock::new(Some(Arc::new(context))),
             config,
             provisioned: RwLock::new(HashMap::new()),
+            lines: RwLock::new(HashMap::new()),
             round_robin: AtomicU32::new(0),
             closed: AtomicBool::new(false),
             disconnected,
@@ -165,6 +169,24 @@ impl NatsTransport {
     /// The stream name used for `topic`.
     pub fn stream_name(&self, topic: &str) -> String {
         stream_name(&self.config.stream.name_prefix, topic)
+    }
+
+    /// The send-order lines of `topic`'s `partitions` partitions.
+    fn lines_of(&self, topic: &str, partitions: u16) -> Lines {
+        if let Some(l) = self.lines.read().ok().and_then(|m| m.get(topic).cloned()) {
+            if l.len() == usize::from(partitions) {
+                return l;
+            }
+        }
+        let mut map = self.lines.write().unwrap_or_else(|p| p.into_inner());
+        map.entry(topic.to_string())
+            .and_modify(|l| {
+                if l.len() != usize::from(partitions) {
+                    *l = lines(partitions);
+                }
+            })
+            .or_insert_with(|| lines(partitions))
+            .clone()
     }
 
     /// The partition count of `topic`, once its stream is provisioned.
@@ -390,6 +412,7 @@ impl Transport for NatsTransport {
         // Below `partitions`, which is a u16.
         let partition = u16::try_from(partition).unwrap_or(0);
         let context = self.jetstream()?;
+        let ticket = Ticket::take(&self.lines_of(&topic, partitions), partition).await;
         let first = context
             .send_publish(
                 partition_subject(&topic, partition),
@@ -407,6 +430,7 @@ impl Transport for NatsTransport {
                 headers,
                 payload,
                 retries: self.config.publish_retries,
+                ticket,
             },
         ))
     }
