@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, exactly as CI runs it (.ci/run calls this script).
-# Installs and starts what the tests need on 127.0.0.1 (nats-server via scripts/nats.sh, the
+# Installs and starts what the tests need on 127.0.0.1 (nats-server via scripts/nats.sh, a
+# 3-node NATS cluster via scripts/nats-cluster.sh, the
 # Kafka-protocol broker Tansu via scripts/kafka.sh, PostgreSQL via scripts/postgres.sh, the
 # independent clients nats-py and confluent-kafka via scripts/interop.sh), runs everything,
 # stops them again.
@@ -12,11 +13,13 @@ step() { printf '\n== %s\n' "$*"; }
 
 step "brokers"
 scripts/nats.sh fresh
+scripts/nats-cluster.sh fresh
 scripts/kafka.sh fresh
 scripts/postgres.sh fresh
 scripts/interop.sh install
-trap 'scripts/nats.sh stop; scripts/kafka.sh stop; scripts/postgres.sh stop' EXIT
+trap 'scripts/nats.sh stop; scripts/nats-cluster.sh stop; scripts/kafka.sh stop; scripts/postgres.sh stop' EXIT
 eval "$(scripts/nats.sh env | sed 's/^/export /')"
+eval "$(scripts/nats-cluster.sh env | sed 's/^/export /')"
 eval "$(scripts/kafka.sh env | sed 's/^/export /')"
 eval "$(scripts/postgres.sh env | sed 's/^/export /')"
 eval "$(scripts/interop.sh env | sed 's/^/export /')"
