@@ -35,6 +35,7 @@ mod groups;
 mod lifecycle;
 mod ordering;
 mod outage;
+mod peers;
 mod placement;
 mod recorder;
 mod scaleout;
@@ -49,6 +50,7 @@ pub use groups::*;
 pub use lifecycle::*;
 pub use ordering::*;
 pub use outage::{connection_lost_and_back, Outage};
+pub use peers::*;
 pub use placement::java_partition_mismatches;
 pub use recorder::Recorder;
 pub use scaleout::*;
@@ -231,7 +233,8 @@ macro_rules! __eventbus_kit_cases {
                 mixed_compressed_and_plain, malformed_input_dead_letter, bad_input_is_rejected,
                 ack_settles_nak_redelivers, trace_context_crosses_the_broker,
                 middleware_wraps_the_handler, cloud_events_round_trip,
-                lag_counts_what_a_group_has_not_acknowledged, bad_input_sweep
+                lag_counts_what_a_group_has_not_acknowledged, bad_input_sweep,
+                poison_message_is_dead_lettered_once_across_members
             ];
             current_thread [current_thread_runtime]}
     };
