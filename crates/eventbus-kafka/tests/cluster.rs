@@ -148,3 +148,110 @@ async fn a_broker_down_with_replication_factor_3_loses_nothing_and_keeps_order()
         })
         .await;
 }
+
+/// A commit that fails during a rebalance does not later commit stale offsets (Parallel
+/// Consumer #352): with the group coordinator answering `REBALANCE_IN_PROGRESS` to 30 offset
+/// commits while 2,000 envelopes are handled, the committed offsets read from the broker
+/// never go backwards, and once commits succeed again they reach the end of every partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_commits_during_a_rebalance_never_commit_stale_offsets() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    use rdkafka::{Offset, TopicPartitionList};
+
+    const TOTAL: usize = 2_000;
+    let local = tokio::task::LocalSet::new();
+    local
+        .run_until(async {
+            let cluster = MockCluster::new(1).expect("mock cluster");
+            let topic = unique("kcommit");
+            let group = unique("svc");
+            cluster.create_topic(&topic, 2, 1).expect("create topic");
+            let mut c = KafkaConfig::new(cluster.bootstrap_servers());
+            c.topic.partitions = 2;
+            c.consumer.session_timeout = Duration::from_secs(6);
+            c.consumer.commit_interval = Duration::from_millis(50);
+            let bus = Bus::new(KafkaTransport::connect(c).await.expect("connect"), kit_config())
+                .expect("bus");
+            let handled: Recorder<Envelope> = Recorder::default();
+            bus.subscribe_envelope(&topic, &group, handled.envelope_handler())
+                .await
+                .expect("subscribe");
+            cluster.request_errors(
+                RDKafkaApiKey::OffsetCommit,
+                &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS; 30],
+            );
+            // The committed offsets as the broker keeps them, read by a client of its own.
+            let reader: BaseConsumer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", cluster.bootstrap_servers())
+                .set("group.id", &group)
+                .create()
+                .expect("offset reader");
+            let mut list = TopicPartitionList::new();
+            list.add_partition(&topic, 0);
+            list.add_partition(&topic, 1);
+            let committed = || -> Vec<i64> {
+                reader
+                    .committed_offsets(list.clone(), Duration::from_secs(5))
+                    .map(|l| {
+                        l.elements()
+                            .iter()
+                            .map(|e| match e.offset() {
+                                Offset::Offset(o) => o,
+                                _ => 0,
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            let mut seen: Vec<Vec<i64>> = Vec::new();
+            let mut backwards = 0;
+            let mut sample = |seen: &mut Vec<Vec<i64>>| {
+                let now = committed();
+                if let Some(prev) = seen.last() {
+                    if now.len() == prev.len() && now.iter().zip(prev).any(|(n, p)| n < p) {
+                        backwards += 1;
+                    }
+                }
+                seen.push(now);
+            };
+            for i in 0..TOTAL {
+                bus.publish_envelope(&topic, &Envelope::new(format!("agg-{}", i % 50), "t", i as i64, json!({})))
+                    .await
+                    .expect("publish");
+                if i % 100 == 0 {
+                    sample(&mut seen);
+                }
+            }
+            bus.flush().await.expect("flush");
+            handled.wait_for(TOTAL, "every envelope handled").await;
+            // Commits succeed again (the injected errors are used up or cleared): the
+            // committed offsets reach the end without new traffic.
+            cluster.clear_request_errors(RDKafkaApiKey::OffsetCommit);
+            let reached = hang_guard_sum(|| {
+                sample(&mut seen);
+                seen.last().map(|v| v.iter().sum::<i64>()).unwrap_or(0)
+            }, TOTAL as i64)
+            .await;
+            eprintln!(
+                "[commits kafka mock] {TOTAL} envelopes, 30 commits refused: {} samples, {backwards} went backwards, committed {reached} of {TOTAL} at the end",
+                seen.len()
+            );
+            bus.close().await.expect("close");
+            assert_eq!(backwards, 0, "a committed offset went backwards: {seen:?}");
+            assert_eq!(reached, TOTAL as i64, "the commits never caught up");
+        })
+        .await;
+}
+
+/// Samples until the value reaches `want` or a kit timeout passes; returns the last value.
+async fn hang_guard_sum(mut sample: impl FnMut() -> i64, want: i64) -> i64 {
+    let deadline = Instant::now() + eventbus_core::testkit::kit_timeout();
+    loop {
+        let v = sample();
+        if v >= want || Instant::now() > deadline {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
