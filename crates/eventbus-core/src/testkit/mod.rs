@@ -234,7 +234,8 @@ macro_rules! __eventbus_kit_cases {
                 ack_settles_nak_redelivers, trace_context_crosses_the_broker,
                 middleware_wraps_the_handler, cloud_events_round_trip,
                 lag_counts_what_a_group_has_not_acknowledged, bad_input_sweep,
-                poison_message_is_dead_lettered_once_across_members
+                poison_message_is_dead_lettered_once_across_members,
+                retrying_message_survives_its_member_leaving
             ];
             current_thread [current_thread_runtime]}
     };

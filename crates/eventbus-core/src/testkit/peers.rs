@@ -112,3 +112,152 @@ pub async fn poison_message_is_dead_lettered_once_across_members<B: Backend>(b: 
     first.close().await.expect("close");
     second.close().await.expect("close");
 }
+
+/// A handler retrying while its member leaves the group does not drop the message (Dapr
+/// #3849): two members; the event fails on whichever member gets it until that member is
+/// closed mid-retry; the other member then gets it and handles it. Nothing is dead-lettered
+/// by the member that left, and the aggregate's next event comes after it.
+pub async fn retrying_message_survives_its_member_leaving<B: Backend>(b: &B) {
+    let patient = kit_config().with_retry(RetryPolicy {
+        max_attempts: 1_000,
+        initial_backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(50),
+        multiplier: 2.0,
+    });
+    let members = [connect(b, patient.clone()).await, connect(b, patient).await];
+    let topic = unique("revoked");
+    let group = unique("group");
+    // The dead-letter reader on a bus of its own: either member may be the one that leaves.
+    let observer = connect(b, kit_config()).await;
+    let dlq = subscribe_dlq(&observer, &topic).await;
+    let rec: Recorder<(u8, Envelope)> = Recorder::default();
+    // Which member is retrying the event (set by its first failed attempt), and whether it
+    // has left (from then on the other member's attempt succeeds).
+    let retrying: Arc<Mutex<Option<u8>>> = Arc::default();
+    let left = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attempts = Arc::new(AtomicUsize::new(0));
+    for (member, bus) in [(0u8, &members[0]), (1u8, &members[1])] {
+        let (r, who, left, n) = (
+            rec.clone(),
+            retrying.clone(),
+            left.clone(),
+            attempts.clone(),
+        );
+        bus.subscribe_envelope(&topic, &group, move |e: Envelope| {
+            let (r, who, left, n) = (r.clone(), who.clone(), left.clone(), n.clone());
+            async move {
+                if e.event_type == "stuck" && !left.load(Ordering::SeqCst) {
+                    n.fetch_add(1, Ordering::SeqCst);
+                    who.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert(member);
+                    return Err(HandlerError::retryable("not yet"));
+                }
+                r.push((member, e));
+                Ok(())
+            }
+        })
+        .await
+        .expect("subscribe");
+    }
+    // Both members at work first.
+    let mut round = 0;
+    hang_guard("both members to get work", async {
+        loop {
+            round += 1;
+            for a in 0..16 {
+                members[0]
+                    .publish_envelope(&topic, &env(&format!("warm-{a}"), round))
+                    .await
+                    .expect("publish");
+            }
+            let got = rec.wait_for(16 * round as usize, "a warm-up round").await;
+            if got.iter().map(|(m, _)| *m).collect::<HashSet<_>>().len() == 2 {
+                break;
+            }
+        }
+    })
+    .await;
+    let mut stuck = env("agg-r", 1);
+    stuck.event_type = "stuck".into();
+    let next = env("agg-r", 2);
+    members[0]
+        .publish_envelope(&topic, &stuck)
+        .await
+        .expect("publish");
+    members[0]
+        .publish_envelope(&topic, &next)
+        .await
+        .expect("publish");
+    // Wait until one member is retrying it (two failed attempts), then close that member.
+    let holder = hang_guard("a member retrying the event", async {
+        loop {
+            let who = *retrying.lock().unwrap_or_else(|p| p.into_inner());
+            if let (Some(m), true) = (who, attempts.load(Ordering::SeqCst) >= 2) {
+                return m;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let [a, b_] = members;
+    let (leaving, staying) = if holder == 0 { (a, b_) } else { (b_, a) };
+    let leave = async {
+        hang_guard("the retrying member to close", leaving.close())
+            .await
+            .expect("close");
+        left.store(true, Ordering::SeqCst);
+    };
+    leave.await;
+    let got = rec
+        .wait_until("the event handled by the member that stayed", |items| {
+            items.iter().any(|(_, e)| e.event_id == next.event_id)
+        })
+        .await;
+    let after: Vec<&(u8, Envelope)> = got
+        .iter()
+        .filter(|(_, e)| e.aggregate_id == "agg-r")
+        .collect();
+    let other = 1 - holder;
+    println!(
+        "revoked while retrying: member {holder} retried {} times and left; then {:?}",
+        attempts.load(Ordering::SeqCst),
+        after
+            .iter()
+            .map(|(m, e)| (*m, e.event_version))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        after
+            .iter()
+            .map(|(_, e)| e.event_version)
+            .collect::<Vec<_>>()[..2],
+        [1, 2],
+        "the retried event first, then the next, each once before the sentinel"
+    );
+    assert!(
+        after.iter().take(2).all(|(m, _)| *m == other),
+        "handled by the member that stayed"
+    );
+    // Nothing dead-lettered by the member that left: a sentinel behind any such letter.
+    let sentinel = env("agg-r", 99);
+    staying
+        .publish_envelope(&format!("{topic}.dlq"), &sentinel)
+        .await
+        .expect("publish the sentinel");
+    let dead = dlq
+        .wait_until("the sentinel in the dead-letter topic", |items| {
+            items
+                .iter()
+                .any(|m| m.event_id() == Some(sentinel.event_id.as_str()))
+        })
+        .await;
+    assert_eq!(
+        dead.len(),
+        1,
+        "only the sentinel: {:?}",
+        dead.iter().map(|m| m.event_id()).collect::<Vec<_>>()
+    );
+    staying.close().await.expect("close");
+    observer.close().await.expect("close");
+}
