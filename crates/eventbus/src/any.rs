@@ -227,6 +227,10 @@ impl Subscription for AnySubscription {
             .map(|v| v.into_iter().map(wrap).collect()))
     }
 
+    async fn release_prefetched(&mut self) {
+        each!(self, AnySubscription, |s| s.release_prefetched().await)
+    }
+
     async fn close(self) -> Result<(), TransportError> {
         each!(self, AnySubscription, |s| s.close().await)
     }
