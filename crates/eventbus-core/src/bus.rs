@@ -598,6 +598,7 @@ impl<T: Transport> Bus<T> {
                 let task = tokio::spawn(run_fetcher::<T>(
                     subscription,
                     FetcherParams {
+                        transport: self.inner.transport.clone(),
                         route,
                         dispatcher,
                         options,
@@ -737,6 +738,13 @@ impl<T: Transport> Bus<T> {
         if self.inner.state() == State::Closed {
             h.state = ConnectionState::Closed;
         }
+        h.stalled = self
+            .inner
+            .life()
+            .subscriptions
+            .iter()
+            .filter_map(|c| c.stalled())
+            .collect();
         h
     }
 

@@ -232,6 +232,9 @@ impl From<DispatchFields> for DispatchConfig {
     }
 }
 
+/// Default [`SubscribeOptions::stall_timeout`].
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Pulling: one fetcher per subscription.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -243,6 +246,12 @@ pub struct SubscribeOptions {
     pub max_wait: Duration,
     /// Dead-letter topic; default: the topic plus the dispatcher's suffix.
     pub dead_letter_topic: Option<String>,
+    /// A subscription that has received nothing for this long, has nothing in flight, and
+    /// whose consumer holds a partition with messages waiting (the broker's lag) is stalled:
+    /// health lists it, `fetch_stalls` counts it, and it gets a new consumer (default 60 s;
+    /// zero turns the check off). Checked at most once per period, one lag query each.
+    #[serde(deserialize_with = "crate::duration::deserialize")]
+    pub stall_timeout: Duration,
     /// Middleware around this subscription's handler, inside the bus's own (code only, not
     /// read from configuration files; see [`crate::middleware`]).
     #[serde(skip)]
@@ -255,6 +264,7 @@ impl Default for SubscribeOptions {
             batch_size: DEFAULT_BATCH_SIZE,
             max_wait: DEFAULT_MAX_WAIT,
             dead_letter_topic: None,
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
             layers: Layers::new(),
         }
     }

@@ -62,5 +62,5 @@ pub use publish::{PublishResult, PublishResults, ResultCallback};
 pub use secret::{redact_url, Secret};
 pub use transport::{
     validate_topic, Capabilities, ConnectionState, Delivery, Health, Lag, PartitionLag, Receipt,
-    Subscription, SubscriptionSpec, Transport, MAX_TOPIC_LEN,
+    StalledSubscription, Subscription, SubscriptionSpec, Transport, MAX_TOPIC_LEN,
 };

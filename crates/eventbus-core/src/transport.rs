@@ -59,6 +59,30 @@ pub struct Health {
     pub backend: &'static str,
     /// Connection state.
     pub state: ConnectionState,
+    /// Subscriptions whose consumer stopped receiving while messages wait in the partitions
+    /// it holds (filled by the bus; transports leave it empty). Each is being recovered by a
+    /// new consumer; it leaves the list when messages flow again.
+    pub stalled: Vec<StalledSubscription>,
+}
+
+impl Health {
+    /// Connected or not, and nothing stalled.
+    pub fn new(backend: &'static str, state: ConnectionState) -> Self {
+        Self {
+            backend,
+            state,
+            stalled: Vec::new(),
+        }
+    }
+}
+
+/// A subscription found stalled (see [`crate::SubscribeOptions::stall_timeout`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StalledSubscription {
+    /// Its topic.
+    pub topic: String,
+    /// Its group.
+    pub group: String,
 }
 
 /// What a subscription asks the transport for.
@@ -164,6 +188,13 @@ pub trait Subscription: Send + 'static {
     /// and [`Subscription::close`] runs. Default: nothing is prefetched.
     fn release_prefetched(&mut self) -> impl Future<Output = ()> + Send {
         async {}
+    }
+
+    /// The partitions this consumer holds now, for the stall check (a consumer that receives
+    /// nothing while a partition it holds has messages waiting). `None`: it cannot tell; the
+    /// check then looks at every partition of the topic.
+    fn assigned(&self) -> Option<Vec<u32>> {
+        None
     }
 
     /// Leaves the group (commits what is complete). Called after every delivery it fetched

@@ -351,6 +351,16 @@ impl Subscription for KafkaSubscription {
         Ok(batch)
     }
 
+    fn assigned(&self) -> Option<Vec<u32>> {
+        // librdkafka's local view of the assignment: no broker round trip.
+        self.consumer.assignment().ok().map(|list| {
+            list.elements_for_topic(&self.topic)
+                .iter()
+                .filter_map(|e| u32::try_from(e.partition()).ok())
+                .collect()
+        })
+    }
+
     async fn close(mut self) -> Result<(), TransportError> {
         self.commit(CommitMode::Sync);
         // Leaving the group runs the revoke hook (which commits again, harmlessly) and waits

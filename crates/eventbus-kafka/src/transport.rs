@@ -387,16 +387,16 @@ impl Transport for KafkaTransport {
     }
 
     fn health(&self) -> Health {
-        Health {
-            backend: "kafka",
-            state: if self.closed.load(Ordering::Acquire) {
+        Health::new(
+            "kafka",
+            if self.closed.load(Ordering::Acquire) {
                 ConnectionState::Closed
             } else if self.link.get() == BROKERS_DOWN {
                 ConnectionState::Reconnecting
             } else {
                 ConnectionState::Connected
             },
-        }
+        )
     }
 
     async fn close(&self) -> Result<(), TransportError> {

@@ -301,6 +301,15 @@ impl Subscription for NatsSubscription {
         }
     }
 
+    fn assigned(&self) -> Option<Vec<u32>> {
+        Some(
+            self.pulling
+                .iter()
+                .map(|p| u32::from(p.partition))
+                .collect(),
+        )
+    }
+
     async fn close(mut self) -> Result<(), TransportError> {
         self.pulling.clear();
         if let Some(m) = self.membership.take() {

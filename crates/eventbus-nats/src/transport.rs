@@ -466,10 +466,7 @@ impl Transport for NatsTransport {
                 State::Pending | State::Disconnected => ConnectionState::Reconnecting,
             }
         };
-        Health {
-            backend: "nats",
-            state,
-        }
+        Health::new("nats", state)
     }
 
     async fn close(&self) -> Result<(), TransportError> {

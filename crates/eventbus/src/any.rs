@@ -231,6 +231,10 @@ impl Subscription for AnySubscription {
         each!(self, AnySubscription, |s| s.release_prefetched().await)
     }
 
+    fn assigned(&self) -> Option<Vec<u32>> {
+        each!(self, AnySubscription, |s| s.assigned())
+    }
+
     async fn close(self) -> Result<(), TransportError> {
         each!(self, AnySubscription, |s| s.close().await)
     }

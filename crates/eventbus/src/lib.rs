@@ -36,8 +36,8 @@ pub use eventbus_core::{
     BrokerPosition, Bus, BusBuilder, BusConfig, BusError, Capabilities, Compression,
     ConnectionState, DispatchConfig, Envelope, EnvelopeError, EnvelopeHandler, Handler,
     HandlerError, Headers, Health, Lag, Message, MetricsSnapshot, PartitionLag, Publication,
-    PublishConfig, PublishResult, PublishResults, Receipt, RetryPolicy, SubscribeOptions,
-    SubscriptionHandle, TransportError,
+    PublishConfig, PublishResult, PublishResults, Receipt, RetryPolicy, StalledSubscription,
+    SubscribeOptions, SubscriptionHandle, TransportError,
 };
 /// The Kafka backend's configuration types.
 #[cfg(feature = "kafka")]

@@ -4,18 +4,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::config::SubscribeOptions;
 use crate::dispatcher::{Dispatcher, Route};
 use crate::error::TransportError;
 use crate::metrics::Metrics;
-use crate::transport::{Delivery, Subscription, Transport};
+use crate::transport::{Delivery, Subscription, SubscriptionSpec, Transport};
 
 /// Pause after a failed fetch before the fetcher tries again.
 const FETCH_RETRY_BACKOFF: Duration = Duration::from_millis(250);
 
+/// Longest wait for the broker's lag during a stall check.
+const LAG_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What a fetcher needs besides its consumer.
 pub(crate) struct FetcherParams<T: Transport> {
+    /// For the stall check (the broker's lag) and a replacement consumer.
+    pub(crate) transport: Arc<T>,
     pub(crate) route: Arc<Route>,
     pub(crate) dispatcher: Arc<Dispatcher<T>>,
     pub(crate) options: SubscribeOptions,
@@ -27,11 +33,9 @@ pub(crate) struct FetcherParams<T: Transport> {
 
 /// Pulls batches and hands them to the dispatcher in order. On stop (or when its route
 /// fails) it waits for what it dispatched to be settled, then closes the consumer.
-pub(crate) async fn run_fetcher<T: Transport>(
-    mut subscription: T::Subscription,
-    p: FetcherParams<T>,
-) {
+pub(crate) async fn run_fetcher<T: Transport>(subscription: T::Subscription, p: FetcherParams<T>) {
     let FetcherParams {
+        transport,
         route,
         dispatcher,
         options,
@@ -40,14 +44,41 @@ pub(crate) async fn run_fetcher<T: Transport>(
         metrics,
         drain_timeout,
     } = p;
+    let mut current = Some(subscription);
+    let mut watch = StallWatch::new(options.stall_timeout);
     // The fetch is never cancelled half-way (a broker may already have handed messages
     // over); the stop flag is checked between fetches, at most `max_wait` apart.
-    while !*stop.borrow() && route.is_running() {
+    while let Some(subscription) = current.as_mut() {
+        if *stop.borrow() || !route.is_running() {
+            break;
+        }
         match subscription
             .fetch(options.batch_size, options.max_wait)
             .await
         {
             Ok(batch) => {
+                if batch.is_empty() {
+                    if watch.due() && route.is_idle() {
+                        watch.checked();
+                        if stalled(&*transport, &route, subscription.assigned()).await {
+                            Metrics::inc(&metrics.fetch_stalls);
+                            route.export.fetch_stalls.increment(1);
+                            route.set_stalled(true);
+                            tracing::warn!(topic = %route.topic, group = %route.group, after = ?options.stall_timeout, "nothing received while messages wait in the partitions this consumer holds: stalled; replacing the consumer");
+                            if let Some(old) = current.take() {
+                                current = renew(&*transport, &route, old, &stop).await;
+                            }
+                            continue;
+                        }
+                        route.set_stalled(false);
+                    }
+                } else {
+                    watch.delivered();
+                    if route.is_stalled() {
+                        route.set_stalled(false);
+                        tracing::info!(topic = %route.topic, group = %route.group, "messages flow again after a stall");
+                    }
+                }
                 for delivery in batch {
                     Metrics::inc(&metrics.fetched);
                     route.export.fetched.increment(1);
@@ -63,21 +94,16 @@ pub(crate) async fn run_fetcher<T: Transport>(
                 Metrics::inc(&metrics.fetch_errors);
                 route.export.fetch_errors.increment(1);
                 tracing::warn!(topic = %route.topic, group = %route.group, error = %e, "fetch failed; retrying");
-                let mut stop = stop.clone();
-                let failed = route.failed.notified();
-                let _ = tokio::time::timeout(FETCH_RETRY_BACKOFF, async {
-                    tokio::select! {
-                        _ = stop.wait_for(|s| *s) => {}
-                        _ = failed => {}
-                    }
-                })
-                .await;
+                pause(&route, &stop).await;
             }
         }
     }
     // Whatever ended the loop, messages not started yet go back to the broker.
     route.stop();
-    subscription.release_prefetched().await;
+    route.set_stalled(false);
+    if let Some(subscription) = current.as_mut() {
+        subscription.release_prefetched().await;
+    }
     dispatcher.hand_back(&route).await;
     // Most of the deadline, so the consumer still closes (and commits) before close()
     // gives up on this task.
@@ -87,8 +113,106 @@ pub(crate) async fn run_fetcher<T: Transport>(
     {
         tracing::warn!(topic = %route.topic, group = %route.group, "in-flight messages not settled before the drain deadline");
     }
-    if let Err(e) = subscription.close().await {
-        tracing::warn!(topic = %route.topic, group = %route.group, error = %e, "closing the consumer failed");
+    if let Some(subscription) = current {
+        if let Err(e) = subscription.close().await {
+            tracing::warn!(topic = %route.topic, group = %route.group, error = %e, "closing the consumer failed");
+        }
     }
     let _ = done.send(true);
+}
+
+/// Waits `FETCH_RETRY_BACKOFF`, less if the subscription is stopped or fails meanwhile.
+async fn pause(route: &Route, stop: &watch::Receiver<bool>) {
+    let mut stop = stop.clone();
+    let failed = route.failed.notified();
+    let _ = tokio::time::timeout(FETCH_RETRY_BACKOFF, async {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => {}
+            _ = failed => {}
+        }
+    })
+    .await;
+}
+
+/// When the next stall check is due: `timeout` after the last delivery and the last check.
+struct StallWatch {
+    timeout: Duration,
+    last_delivery: Instant,
+    last_check: Instant,
+}
+
+impl StallWatch {
+    fn new(timeout: Duration) -> Self {
+        let now = Instant::now();
+        Self {
+            timeout,
+            last_delivery: now,
+            last_check: now,
+        }
+    }
+
+    fn due(&self) -> bool {
+        !self.timeout.is_zero()
+            && self.last_delivery.elapsed() >= self.timeout
+            && self.last_check.elapsed() >= self.timeout
+    }
+
+    fn checked(&mut self) {
+        self.last_check = Instant::now();
+    }
+
+    fn delivered(&mut self) {
+        self.last_delivery = Instant::now();
+    }
+}
+
+/// Whether a partition this consumer holds (`assigned`; every partition when the consumer
+/// cannot tell) has messages waiting, as the broker's lag reports it. No answer (a backend
+/// without lag, an error, no reply in time) is not a stall.
+async fn stalled<T: Transport>(transport: &T, route: &Route, assigned: Option<Vec<u32>>) -> bool {
+    let lag = match tokio::time::timeout(LAG_TIMEOUT, transport.lag(&route.topic, &route.group))
+        .await
+    {
+        Ok(Ok(Some(lag))) => lag,
+        Ok(Err(e)) => {
+            tracing::debug!(topic = %route.topic, group = %route.group, error = %e, "stall check: no lag");
+            return false;
+        }
+        _ => return false,
+    };
+    lag.partitions
+        .iter()
+        .filter(|p| assigned.as_ref().map_or(true, |a| a.contains(&p.partition)))
+        .any(|p| p.pending > 0)
+}
+
+/// Closes a stalled consumer and creates a new one for the same topic and group, retrying
+/// until it exists or the subscription stops (`None`: stopped, or the transport closed).
+async fn renew<T: Transport>(
+    transport: &T,
+    route: &Route,
+    mut old: T::Subscription,
+    stop: &watch::Receiver<bool>,
+) -> Option<T::Subscription> {
+    old.release_prefetched().await;
+    if let Err(e) = old.close().await {
+        tracing::warn!(topic = %route.topic, group = %route.group, error = %e, "closing the stalled consumer failed");
+    }
+    loop {
+        if *stop.borrow() || !route.is_running() {
+            return None;
+        }
+        let spec = SubscriptionSpec {
+            topic: route.topic.clone(),
+            group: route.group.clone(),
+        };
+        match transport.subscribe(spec).await {
+            Ok(fresh) => return Some(fresh),
+            Err(TransportError::Closed) => return None,
+            Err(e) => {
+                tracing::warn!(topic = %route.topic, group = %route.group, error = %e, "replacing the stalled consumer failed; retrying");
+                pause(route, stop).await;
+            }
+        }
+    }
 }

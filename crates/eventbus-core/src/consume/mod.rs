@@ -45,6 +45,14 @@ impl SubscriptionControl {
         *self.done.borrow()
     }
 
+    /// This subscription, if its consumer is stalled.
+    pub(crate) fn stalled(&self) -> Option<crate::StalledSubscription> {
+        (!self.is_done() && self.route.is_stalled()).then(|| crate::StalledSubscription {
+            topic: self.route.topic.clone(),
+            group: self.route.group.clone(),
+        })
+    }
+
     /// Whether this running subscription consumes `topic` as `group`.
     pub(crate) fn consumes(&self, topic: &str, group: &str) -> bool {
         !self.is_done() && self.route.topic == topic && self.route.group == group

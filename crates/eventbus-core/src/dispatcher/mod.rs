@@ -65,6 +65,8 @@ pub(crate) struct Route {
     failure: Mutex<Option<String>>,
     /// Wakes the fetcher when the route fails.
     pub(crate) failed: Notify,
+    /// The fetcher found its consumer stalled and has not received anything since.
+    stalled: std::sync::atomic::AtomicBool,
 }
 
 impl Route {
@@ -89,7 +91,23 @@ impl Route {
             state: AtomicU8::new(ROUTE_RUNNING),
             failure: Mutex::new(None),
             failed: Notify::new(),
+            stalled: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Nothing dispatched is waiting or running.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
+    }
+
+    /// Marks the subscription stalled (or recovered).
+    pub(crate) fn set_stalled(&self, stalled: bool) {
+        self.stalled.store(stalled, Ordering::Release);
+    }
+
+    /// Whether the subscription is stalled.
+    pub(crate) fn is_stalled(&self) -> bool {
+        self.stalled.load(Ordering::Acquire)
     }
 
     fn started(&self) {

@@ -83,6 +83,16 @@ impl TopicState {
         Lag { partitions }
     }
 
+    /// The partitions `member` of `group` owns now.
+    pub(super) fn owned(&self, group: usize, member: u64) -> Vec<u32> {
+        self.groups.get(group).map_or_else(Vec::new, |g| {
+            (0..g.parts.len())
+                .filter(|p| g.parts[*p].owner == Some(member))
+                .filter_map(|p| u32::try_from(p).ok())
+                .collect()
+        })
+    }
+
     pub(super) fn join(&mut self, group: &str, member: u64) -> usize {
         let idx = match self.group_index.get(group) {
             Some(i) => *i,

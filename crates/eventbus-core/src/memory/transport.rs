@@ -101,14 +101,14 @@ impl Transport for MemoryTransport {
     }
 
     fn health(&self) -> Health {
-        Health {
-            backend: "memory",
-            state: if self.closed.load(Ordering::Acquire) {
+        Health::new(
+            "memory",
+            if self.closed.load(Ordering::Acquire) {
                 ConnectionState::Closed
             } else {
                 ConnectionState::Connected
             },
-        }
+        )
     }
 
     async fn close(&self) -> Result<(), TransportError> {
@@ -173,6 +173,10 @@ impl Subscription for MemorySubscription {
                 _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {}
             }
         }
+    }
+
+    fn assigned(&self) -> Option<Vec<u32>> {
+        Some(lock(&self.topic.state).owned(self.group, self.member))
     }
 
     async fn close(mut self) -> Result<(), TransportError> {

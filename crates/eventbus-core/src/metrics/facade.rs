@@ -33,6 +33,9 @@ pub mod names {
     pub const FETCHED: &str = "eventbus_fetched_total";
     /// Counter: fetches that failed (the fetcher backs off and retries).
     pub const FETCH_ERRORS: &str = "eventbus_fetch_errors_total";
+    /// Counter: stalls found (nothing received for `stall_timeout` while a partition the
+    /// subscription holds had messages waiting); each got a new consumer.
+    pub const FETCH_STALLS: &str = "eventbus_fetch_stalls_total";
     /// Counter: messages the broker delivered again (delivery count above 1).
     pub const REDELIVERED: &str = "eventbus_redelivered_total";
     /// Counter: messages whose handler succeeded.
@@ -96,6 +99,7 @@ impl std::fmt::Debug for BusExport {
 pub(crate) struct RouteExport {
     pub(crate) fetched: Counter,
     pub(crate) fetch_errors: Counter,
+    pub(crate) fetch_stalls: Counter,
     pub(crate) redelivered: Counter,
     pub(crate) handled: Counter,
     pub(crate) handler_errors: Counter,
@@ -115,6 +119,7 @@ impl RouteExport {
         Self {
             fetched: ::metrics::counter!(names::FETCHED, &labels),
             fetch_errors: ::metrics::counter!(names::FETCH_ERRORS, &labels),
+            fetch_stalls: ::metrics::counter!(names::FETCH_STALLS, &labels),
             redelivered: ::metrics::counter!(names::REDELIVERED, &labels),
             handled: ::metrics::counter!(names::HANDLED, &labels),
             handler_errors: ::metrics::counter!(names::HANDLER_ERRORS, &labels),

@@ -76,6 +76,9 @@ counters! {
     settle_failures,
     /// Failed fetches (the fetcher backs off and tries again).
     fetch_errors,
+    /// Subscriptions found stalled (nothing received for `stall_timeout` while a partition
+    /// they hold had messages waiting) and given a new consumer.
+    fetch_stalls,
 }
 
 impl Metrics {
