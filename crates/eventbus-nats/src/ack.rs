@@ -75,6 +75,7 @@ pub(crate) struct Republish {
 impl Republish {
     /// Republishes with the same `Nats-Msg-Id` (the stream drops the copy if the first one was
     /// stored) until an ACK comes or the attempts run out.
+    ///
     /// Republishes go in the partition's send order, one at a time, and hold new publishes
     /// to the partition meanwhile ([`crate::line`]).
     async fn run(

@@ -73,25 +73,34 @@ impl Ticket {
         let index = usize::from(partition);
         let line = &lines[index];
         loop {
+            // The normal path: one lock, no waiter registered.
+            if let Some(t) = Self::try_take(lines, index) {
+                return t;
+            }
             let notified = line.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            {
-                let mut s = line.lock();
-                if s.recovering == 0 {
-                    let number = s.next;
-                    s.next += 1;
-                    s.resolved.push_back(false);
-                    return Ticket {
-                        lines: lines.clone(),
-                        partition: index,
-                        number,
-                        recovering: false,
-                    };
-                }
+            if line.lock().recovering == 0 {
+                continue;
             }
             notified.await;
         }
+    }
+
+    fn try_take(lines: &Lines, index: usize) -> Option<Ticket> {
+        let mut s = lines[index].lock();
+        if s.recovering > 0 {
+            return None;
+        }
+        let number = s.next;
+        s.next += 1;
+        s.resolved.push_back(false);
+        Some(Ticket {
+            lines: lines.clone(),
+            partition: index,
+            number,
+            recovering: false,
+        })
     }
 
     fn line(&self) -> &Line {
