@@ -9,10 +9,11 @@
 //! client side of a failover (metadata refresh, produce and fetch against the new leader,
 //! idempotent retries, the group over a broker loss), not a broker's replication.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
-use eventbus_core::testkit::{kit_config, ordering_violations, unique, Recorder};
+use eventbus_core::testkit::{
+    every_event_handled, kit_config, ordering_violations, unique, Recorder,
+};
 use eventbus_core::{Bus, Envelope};
 use eventbus_kafka::{KafkaConfig, KafkaTransport};
 use rdkafka::mocking::{MockCluster, MockCoordinator};
@@ -115,19 +116,7 @@ async fn a_broker_down_with_replication_factor_3_loses_nothing_and_keeps_order()
             publisher.flush().await.expect("flush");
             let all_acked_after = down_at.elapsed();
             let m = publisher.metrics();
-            let want: HashSet<&String> = ids.iter().collect();
-            let got = handled
-                .wait_until("every acknowledged event handled", |items| {
-                    let seen: HashSet<&String> = items.iter().map(|e| &e.event_id).collect();
-                    want.iter().all(|id| seen.contains(*id))
-                })
-                .await;
-            let mut seen = HashSet::new();
-            let first: Vec<Envelope> = got
-                .iter()
-                .filter(|e| seen.insert(e.event_id.clone()))
-                .cloned()
-                .collect();
+            let (got, first) = every_event_handled(&handled, &ids, "every acknowledged event handled").await;
             eprintln!(
                 "[cluster kafka mock] {BROKERS} brokers, RF {BROKERS}, {PARTITIONS} partitions, {} envelopes over {AGGREGATES} aggregates: broker 1 down with {handled_at_down} handled, \
                  handling went on {resumed_after:?} after, every publish acknowledged {all_acked_after:?} after; \

@@ -21,7 +21,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::{brokers, test_config};
-use eventbus_core::testkit::{hang_guard, kit_config, kit_timeout, unique, GroupLedger};
+use eventbus_core::testkit::{
+    hang_guard, injected_fault, kit_config, kit_timeout, silence_injected_panics, tasks_and_rss,
+    unique, GroupLedger, InjectedFault, INJECTED_PANIC,
+};
 use eventbus_core::{Bus, Envelope, HandlerError, Message};
 use eventbus_kafka::KafkaTransport;
 use serde_json::json;
@@ -40,32 +43,10 @@ fn now_ns() -> u128 {
         .unwrap_or(0)
 }
 
-fn fnv(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
 fn config() -> eventbus_kafka::KafkaConfig {
     let mut c = test_config(&brokers());
     c.topic.partitions = PARTITIONS;
     c
-}
-
-fn tasks_and_rss() -> (usize, u64) {
-    let tasks = tokio::runtime::Handle::current()
-        .metrics()
-        .num_alive_tasks();
-    let rss = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0);
-    (tasks, rss)
 }
 
 /// One consuming instance (`CHILD_ENV` = `topic group instance slow`). Prints
@@ -82,16 +63,7 @@ fn kafka_fault_child_instance() {
         panic!("{CHILD_ENV}={args:?}");
     };
     let slow = slow == "1";
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let injected = info
-            .payload()
-            .downcast_ref::<String>()
-            .is_some_and(|m| m.starts_with("injected panic"));
-        if !injected {
-            default_hook(info);
-        }
-    }));
+    silence_injected_panics();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let handle = rt.handle().clone();
     // stdin: a line asks for the stats; its end ends the process.
@@ -120,16 +92,16 @@ fn kafka_fault_child_instance() {
                 let e = m
                     .envelope()
                     .map_err(|e| HandlerError::permanent(e.to_string()))?;
-                let h = fnv(&e.event_id);
                 let first_try = failed_once
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(e.event_id.clone());
-                if first_try && h % 1000 == 7 {
-                    panic!("injected panic for {}", e.event_id);
-                }
-                if first_try && h % 20 == 3 {
-                    return Err(HandlerError::retryable("injected failure"));
+                match injected_fault(&e.event_id).filter(|_| first_try) {
+                    Some(InjectedFault::Panic) => panic!("{INJECTED_PANIC} for {}", e.event_id),
+                    Some(InjectedFault::Error) => {
+                        return Err(HandlerError::retryable("injected failure"))
+                    }
+                    None => {}
                 }
                 let partition = m.position().and_then(|p| p.partition).unwrap_or(u32::MAX);
                 let line = |what: &str| {

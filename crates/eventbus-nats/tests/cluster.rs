@@ -6,11 +6,12 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::process::Command;
 use std::time::Duration;
 
-use eventbus_core::testkit::{hang_guard, kit_config, ordering_violations, unique, Recorder};
+use eventbus_core::testkit::{
+    every_event_handled, hang_guard, kit_config, ordering_violations, unique, Recorder,
+};
 use eventbus_core::{Bus, Envelope};
 use eventbus_nats::{NatsConfig, NatsTransport};
 use serde_json::json;
@@ -174,19 +175,8 @@ async fn killing_the_stream_leader_loses_nothing_acknowledged_and_keeps_order() 
         ids.len() as u64,
         "one outcome per publish"
     );
-    let want: HashSet<&String> = ids.iter().collect();
-    let got = handled
-        .wait_until("every acknowledged event handled", |items| {
-            let seen: HashSet<&String> = items.iter().map(|e| &e.event_id).collect();
-            want.iter().all(|id| seen.contains(*id))
-        })
-        .await;
-    let mut seen = HashSet::new();
-    let first: Vec<Envelope> = got
-        .iter()
-        .filter(|e| seen.insert(e.event_id.clone()))
-        .cloned()
-        .collect();
+    let (got, first) =
+        every_event_handled(&handled, &ids, "every acknowledged event handled").await;
     eprintln!(
         "[cluster nats] 3 nodes, R3, {} envelopes over {AGGREGATES} aggregates: leader {old} killed with {handled_at_kill} handled; \
          new leader {new_leader} {elected_after:?} after, handling went on {resumed_after:?} after, every publish acknowledged {all_acked_after:?} after; \

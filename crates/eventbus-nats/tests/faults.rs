@@ -20,7 +20,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{audit_loop, nats_url, OwnServer};
-use eventbus_core::testkit::{hang_guard, kit_config, unique, GroupLedger};
+use eventbus_core::testkit::{
+    hang_guard, injected_fault, kit_config, silence_injected_panics, tasks_and_rss, unique,
+    GroupLedger, InjectedFault, INJECTED_PANIC,
+};
 use eventbus_core::{Bus, ConnectionState, Envelope, HandlerError};
 use eventbus_nats::{GroupSettings, NatsConfig, NatsTransport};
 use futures_util::StreamExt;
@@ -50,30 +53,6 @@ fn data_config(url: &str, instance: Option<String>) -> NatsConfig {
     c
 }
 
-/// 64-bit FNV-1a: which events fail is a function of the event, not of the run.
-fn fnv(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-/// tokio tasks alive and resident memory (KiB) of this process.
-fn tasks_and_rss() -> (usize, u64) {
-    let tasks = tokio::runtime::Handle::current()
-        .metrics()
-        .num_alive_tasks();
-    let rss = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0);
-    (tasks, rss)
-}
-
 /// One consuming instance, run as a child (`CHILD_ENV` = `data-url topic group instance
 /// audit-subject slow`). Its handler fails the first time for 5 % of the events and panics
 /// the first time for 0.1 % (a retry in place then succeeds); a slow instance takes 2 ms more
@@ -90,17 +69,7 @@ fn fault_child_instance() {
     };
     let slow = slow == "1";
     eventbus_core::testkit::exit_when_stdin_closes();
-    // The injected panics are expected: one line each is not needed, a backtrace even less.
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let injected = info
-            .payload()
-            .downcast_ref::<String>()
-            .is_some_and(|m| m.starts_with("injected panic"));
-        if !injected {
-            default_hook(info);
-        }
-    }));
+    silence_injected_panics();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let client = async_nats::connect(nats_url()).await.expect("audit client");
@@ -132,16 +101,16 @@ fn fault_child_instance() {
             let (client, audit, instance) = (client.clone(), audit.clone(), instance.clone());
             let failed_once = failed_once.clone();
             async move {
-                let h = fnv(&e.event_id);
                 let first_try = failed_once
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(e.event_id.clone());
-                if first_try && h % 1000 == 7 {
-                    panic!("injected panic for {}", e.event_id);
-                }
-                if first_try && h % 20 == 3 {
-                    return Err(HandlerError::retryable("injected failure"));
+                match injected_fault(&e.event_id).filter(|_| first_try) {
+                    Some(InjectedFault::Panic) => panic!("{INJECTED_PANIC} for {}", e.event_id),
+                    Some(InjectedFault::Error) => {
+                        return Err(HandlerError::retryable("injected failure"))
+                    }
+                    None => {}
                 }
                 let record = |what: &str| {
                     Bytes::from(format!(

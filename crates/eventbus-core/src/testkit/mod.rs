@@ -31,6 +31,7 @@ mod cloud;
 mod compression;
 mod delivery;
 mod failures;
+mod faults;
 mod groups;
 mod lifecycle;
 mod ordering;
@@ -46,6 +47,9 @@ pub use cloud::*;
 pub use compression::*;
 pub use delivery::*;
 pub use failures::*;
+pub use faults::{
+    injected_fault, silence_injected_panics, tasks_and_rss, InjectedFault, INJECTED_PANIC,
+};
 pub use groups::*;
 pub use lifecycle::*;
 pub use ordering::*;
@@ -200,6 +204,29 @@ pub fn ordering_violations(items: &[Envelope]) -> usize {
         }
     }
     violations
+}
+
+/// Waits until every event of `ids` was handled and returns all handlings and the first
+/// handling of each event (in handling order), for the order check.
+pub async fn every_event_handled(
+    handled: &Recorder<Envelope>,
+    ids: &[String],
+    what: &str,
+) -> (Vec<Envelope>, Vec<Envelope>) {
+    let want: HashSet<&String> = ids.iter().collect();
+    let got = handled
+        .wait_until(what, |items| {
+            let seen: HashSet<&String> = items.iter().map(|e| &e.event_id).collect();
+            want.iter().all(|id| seen.contains(*id))
+        })
+        .await;
+    let mut seen = HashSet::new();
+    let first = got
+        .iter()
+        .filter(|e| seen.insert(e.event_id.clone()))
+        .cloned()
+        .collect();
+    (got, first)
 }
 
 async fn subscribe_dlq<T: Transport>(bus: &Bus<T>, topic: &str) -> Recorder<Message> {

@@ -4,7 +4,6 @@
 //! tests call [`connection_lost_and_back`] with its [`Outage`]. The memory backend has no
 //! connection to lose.
 
-use std::collections::HashSet;
 use std::future::Future;
 
 use super::*;
@@ -93,19 +92,7 @@ pub async fn connection_lost_and_back<T: Transport>(bus: &Bus<T>, outage: &mut i
         failed.is_empty(),
         "publishes failed across the outage: {failed:?}"
     );
-    let want: HashSet<&String> = ids.iter().collect();
-    let got = handled
-        .wait_until("every event after the outage", |items| {
-            let seen: HashSet<&String> = items.iter().map(|e| &e.event_id).collect();
-            want.iter().all(|id| seen.contains(*id))
-        })
-        .await;
-    let mut seen = HashSet::new();
-    let first: Vec<Envelope> = got
-        .iter()
-        .filter(|e| seen.insert(e.event_id.clone()))
-        .cloned()
-        .collect();
+    let (got, first) = every_event_handled(&handled, &ids, "every event after the outage").await;
     assert_eq!(
         ordering_violations(&first),
         0,
