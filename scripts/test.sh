@@ -8,8 +8,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
+# A clean checkout builds once: incremental state would only take disk (CI ran out of it).
+export CARGO_INCREMENTAL=0
 
-step() { printf '\n== %s\n' "$*"; }
+# Each step says how much disk is left and what target/ takes, so a full disk is seen coming.
+step() {
+  printf '\n== %s\n' "$*"
+  printf -- '-- disk: %s free, target/ %s\n' "$(df -h --output=avail . | tail -1 | tr -d ' ')" \
+    "$(du -sh target 2>/dev/null | cut -f1)"
+}
 
 step "brokers"
 scripts/nats.sh fresh
@@ -49,7 +56,9 @@ cargo run --locked -q -p eventbus-examples --example prometheus
 
 step "fuzz: replay the corpus and regressions, then each target briefly"
 scripts/fuzz.sh replay
-scripts/fuzz.sh run 20
+scripts/fuzz.sh run 60
+# The instrumented build is not needed again.
+rm -rf target/fuzz
 
 step "main command, smallest level"
 cargo run --locked -q -p eventbus-benches --bin eventbus-bench -- --levels low --repeats 1

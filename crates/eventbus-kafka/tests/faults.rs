@@ -14,7 +14,7 @@
 
 mod common;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -140,54 +140,79 @@ enum Record {
     Stats(u8, usize, u64),
 }
 
-/// All records of all children, with their times.
+/// All records of all children, with their times, and what the waits ask of them kept up
+/// to date as records arrive (so a wait, woken per record, checks in constant time).
 #[derive(Default)]
-struct Records(Mutex<Vec<(u128, Record)>>);
+struct Records {
+    state: Mutex<RecordState>,
+    changed: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct RecordState {
+    all: Vec<(u128, Record)>,
+    ended: HashSet<String>,
+    /// Per instance and partition: the latest time it ended a handling there.
+    last_end: HashMap<(u8, u32), u128>,
+    stats: HashMap<u8, Vec<(usize, u64)>>,
+}
 
 impl Records {
+    fn state(&self) -> std::sync::MutexGuard<'_, RecordState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn push(&self, at: u128, r: Record) {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((at, r));
+        {
+            let mut s = self.state();
+            match &r {
+                Record::End(i, p, id, ..) => {
+                    s.ended.insert(id.clone());
+                    let t = s.last_end.entry((*i, *p)).or_default();
+                    *t = (*t).max(at);
+                }
+                Record::Stats(i, tasks, rss) => s.stats.entry(*i).or_default().push((*tasks, *rss)),
+                Record::Begin(..) | Record::Killed(_) => {}
+            }
+            s.all.push((at, r));
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until `pred` holds, woken by each record; a hang guard bounds it.
+    async fn wait_until<T>(&self, what: &str, pred: impl Fn(&RecordState) -> Option<T>) -> T {
+        hang_guard(what, async {
+            loop {
+                let notified = self.changed.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if let Some(v) = pred(&self.state()) {
+                    return v;
+                }
+                notified.await;
+            }
+        })
+        .await
     }
 
     fn snapshot(&self) -> Vec<(u128, Record)> {
-        let mut v = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut v = self.state().all.clone();
         v.sort_by_key(|(t, _)| *t);
         v
     }
 
-    fn ended(&self) -> HashSet<String> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter_map(|(_, r)| match r {
-                Record::End(_, _, id, _, _) => Some(id.clone()),
-                _ => None,
-            })
-            .collect()
+    fn ended(&self) -> usize {
+        self.state().ended.len()
     }
+}
 
+impl RecordState {
     /// Partitions `instance` handled something of after `since`.
-    fn partitions_of(&self, instance: u8, since: u128) -> HashSet<u32> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+    fn partitions_of(&self, instance: u8, since: u128) -> usize {
+        self.last_end
             .iter()
-            .filter_map(|(t, r)| match r {
-                Record::End(i, p, ..) if *i == instance && *t > since => Some(*p),
-                _ => None,
-            })
-            .collect()
-    }
-
-    fn last_stats(&self, instance: u8) -> Option<(usize, u64)> {
-        self.snapshot().iter().rev().find_map(|(_, r)| match r {
-            Record::Stats(i, t, rss) if *i == instance => Some((*t, *rss)),
-            _ => None,
-        })
+            .filter(|((i, _), t)| *i == instance && **t > since)
+            .count()
     }
 }
 
@@ -263,37 +288,31 @@ impl Instance {
 /// Waits until `n` distinct events were handled; a hang guard per 2,000 of progress.
 async fn wait_ended(records: &Records, n: usize) {
     loop {
-        let have = records.ended().len();
+        let have = records.ended();
         if have >= n {
             return;
         }
         let next = (have + 2_000).min(n);
-        hang_guard("progress of the handled events", async {
-            while records.ended().len() < next {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
+        records
+            .wait_until("progress of the handled events", |s| {
+                (s.ended.len() >= next).then_some(())
+            })
+            .await;
     }
 }
 
+/// Asks a child for its tasks and RSS and waits for the answer.
 async fn stats(records: &Records, instance: &mut Instance, id: u8) -> (usize, u64) {
-    let count = |records: &Records| {
-        records
-            .snapshot()
-            .iter()
-            .filter(|(_, r)| matches!(r, Record::Stats(i, ..) if *i == id))
-            .count()
-    };
-    let before = count(records);
+    let before = records.state().stats.get(&id).map_or(0, Vec::len);
     instance.ask_stats();
-    hang_guard("the child's stats", async {
-        while count(records) == before {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-    records.last_stats(id).unwrap_or_default()
+    records
+        .wait_until("the child's stats", |s| {
+            s.stats
+                .get(&id)
+                .filter(|v| v.len() > before)
+                .and_then(|v| v.last().copied())
+        })
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -333,10 +352,8 @@ async fn hundred_thousand_envelopes_through_consumer_kill_handler_faults_and_a_s
             round += 1;
             let n = publish_round(round).await;
             wait_ended(&records, n).await;
-            let since = 0;
-            if !records.partitions_of(0, since).is_empty()
-                && !records.partitions_of(1, since).is_empty()
-            {
+            let s = records.state();
+            if s.partitions_of(0, 0) > 0 && s.partitions_of(1, 0) > 0 {
                 break;
             }
         }
@@ -359,12 +376,11 @@ async fn hundred_thousand_envelopes_through_consumer_kill_handler_faults_and_a_s
             round += 1;
             publish_round(round).await;
         }
-        hang_guard("the survivor to take every partition", async {
-            while records.partitions_of(1, killed_ns).len() < PARTITIONS as usize {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await;
+        records
+            .wait_until("the survivor to take every partition", |s| {
+                (s.partitions_of(1, killed_ns) >= PARTITIONS as usize).then_some(())
+            })
+            .await;
         killed_at.elapsed()
     };
     let took_over_after = tokio::time::timeout(kit_timeout() * 2, takeover)
@@ -381,13 +397,11 @@ async fn hundred_thousand_envelopes_through_consumer_kill_handler_faults_and_a_s
     tokio::time::timeout(kit_timeout() * 3, wait_ended(&records, total))
         .await
         .expect("every event handled");
-    let joined_after = hang_guard("the new instance to get work", async {
-        while records.partitions_of(2, 0).is_empty() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        joined_at.elapsed()
-    })
-    .await;
+    let joined_after = records
+        .wait_until("the new instance to get work", |s| {
+            (s.partitions_of(2, 0) > 0).then(|| joined_at.elapsed())
+        })
+        .await;
     publisher.flush().await.expect("flush");
     let m = publisher.metrics();
     let elapsed = started.elapsed();

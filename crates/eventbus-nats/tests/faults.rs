@@ -290,17 +290,11 @@ async fn hundred_thousand_envelopes_through_broker_kill_consumer_kill_handler_fa
         round += 1;
         publish_round(round).await;
     }
-    hang_guard("the new instance to get work", async {
-        while !ledger
-            .counts()
-            .per_instance
-            .iter()
-            .any(|(i, n)| *i == 2 && *n > 0)
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    ledger
+        .wait_until("the new instance to get work", |c| {
+            c.per_instance.iter().any(|(i, n)| *i == 2 && *n > 0)
+        })
+        .await;
     let joined_after = consumer_killed_at.elapsed();
     server.kill();
     let down_for = Duration::from_secs(1);

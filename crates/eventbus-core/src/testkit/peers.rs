@@ -131,26 +131,17 @@ pub async fn retrying_message_survives_its_member_leaving<B: Backend>(b: &B) {
     let observer = connect(b, kit_config()).await;
     let dlq = subscribe_dlq(&observer, &topic).await;
     let rec: Recorder<(u8, Envelope)> = Recorder::default();
-    // Which member is retrying the event (set by its first failed attempt), and whether it
-    // has left (from then on the other member's attempt succeeds).
-    let retrying: Arc<Mutex<Option<u8>>> = Arc::default();
+    // The member of each failed attempt at the event, and whether the retrying member has
+    // left (from then on the other member's attempt succeeds).
+    let tries: Recorder<u8> = Recorder::default();
     let left = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let attempts = Arc::new(AtomicUsize::new(0));
     for (member, bus) in [(0u8, &members[0]), (1u8, &members[1])] {
-        let (r, who, left, n) = (
-            rec.clone(),
-            retrying.clone(),
-            left.clone(),
-            attempts.clone(),
-        );
+        let (r, tries, left) = (rec.clone(), tries.clone(), left.clone());
         bus.subscribe_envelope(&topic, &group, move |e: Envelope| {
-            let (r, who, left, n) = (r.clone(), who.clone(), left.clone(), n.clone());
+            let (r, tries, left) = (r.clone(), tries.clone(), left.clone());
             async move {
                 if e.event_type == "stuck" && !left.load(Ordering::SeqCst) {
-                    n.fetch_add(1, Ordering::SeqCst);
-                    who.lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get_or_insert(member);
+                    tries.push(member);
                     return Err(HandlerError::retryable("not yet"));
                 }
                 r.push((member, e));
@@ -190,16 +181,7 @@ pub async fn retrying_message_survives_its_member_leaving<B: Backend>(b: &B) {
         .await
         .expect("publish");
     // Wait until one member is retrying it (two failed attempts), then close that member.
-    let holder = hang_guard("a member retrying the event", async {
-        loop {
-            let who = *retrying.lock().unwrap_or_else(|p| p.into_inner());
-            if let (Some(m), true) = (who, attempts.load(Ordering::SeqCst) >= 2) {
-                return m;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    let holder = tries.wait_for(2, "a member retrying the event").await[0];
     let [a, b_] = members;
     let (leaving, staying) = if holder == 0 { (a, b_) } else { (b_, a) };
     let leave = async {
@@ -221,7 +203,7 @@ pub async fn retrying_message_survives_its_member_leaving<B: Backend>(b: &B) {
     let other = 1 - holder;
     println!(
         "revoked while retrying: member {holder} retried {} times and left; then {:?}",
-        attempts.load(Ordering::SeqCst),
+        tries.snapshot().len(),
         after
             .iter()
             .map(|(m, e)| (*m, e.event_version))
