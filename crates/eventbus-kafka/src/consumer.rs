@@ -13,12 +13,13 @@ use futures_util::FutureExt;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers as _};
 use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
 use crate::offsets::OffsetTracker;
-use crate::transport::{blocking, kafka_error};
+use crate::transport::{blocking, can_block, kafka_error};
 
 /// How often a revocation checks whether the revoked partitions' messages are settled.
 const DRAIN_POLL: Duration = Duration::from_millis(5);
@@ -112,6 +113,26 @@ impl Shared {
             t.revoke(*p);
         }
         points
+    }
+
+    /// The broker refused a commit (or it never got there): the points of `list` count as
+    /// uncommitted again, so the next commit interval sends them even on an idle partition.
+    fn commit_failed(&self, topic: &str, list: &TopicPartitionList, error: &KafkaError) {
+        let points: Vec<(i32, i64)> = list
+            .elements_for_topic(topic)
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some((e.partition(), o)),
+                _ => None,
+            })
+            .collect();
+        {
+            let mut t = lock(&self.tracker);
+            for (p, o) in &points {
+                t.commit_failed(*p, *o);
+            }
+        }
+        tracing::warn!(%topic, %error, offsets = ?points, "offset commit failed; sent again at the next commit interval");
     }
 }
 
@@ -293,7 +314,13 @@ impl KafkaSubscription {
             .collect()
     }
 
-    fn commit(&mut self, mode: CommitMode) {
+    /// Commits the points that moved; a refused one is sent again next time. Synchronous
+    /// (`Sync`, off the runtime's other tasks) so that a refusal is seen: rdkafka reports an
+    /// asynchronous commit's result to no one (librdkafka only logs it), and a refused commit
+    /// counted as done left an idle partition's committed position behind. On a
+    /// current-thread runtime, where a blocking call would stall every task, `Async` (only
+    /// an immediate error is seen) except on close.
+    fn commit(&mut self, closing: bool) {
         let commits = lock(&self.shared.tracker).take_commits();
         self.last_commit = Instant::now();
         if commits.is_empty() {
@@ -303,12 +330,13 @@ impl KafkaSubscription {
         for (p, offset) in commits {
             let _ = list.add_partition_offset(&self.topic, p, Offset::Offset(offset));
         }
-        let result = match mode {
-            CommitMode::Sync => blocking(|| self.consumer.commit(&list, mode)),
-            CommitMode::Async => self.consumer.commit(&list, mode),
+        let result = if closing || can_block() {
+            blocking(|| self.consumer.commit(&list, CommitMode::Sync))
+        } else {
+            self.consumer.commit(&list, CommitMode::Async)
         };
         if let Err(e) = result {
-            tracing::warn!(topic = %self.topic, error = %e, "offset commit failed; it is retried with the next one");
+            self.shared.commit_failed(&self.topic, &list, &e);
         }
     }
 }
@@ -325,7 +353,7 @@ impl Subscription for KafkaSubscription {
             return Err(TransportError::Closed);
         }
         if self.last_commit.elapsed() >= self.commit_interval {
-            self.commit(CommitMode::Async);
+            self.commit(false);
         }
         let mut batch = self.due_redeliveries(max);
         if !batch.is_empty() {
@@ -362,7 +390,7 @@ impl Subscription for KafkaSubscription {
     }
 
     async fn close(mut self) -> Result<(), TransportError> {
-        self.commit(CommitMode::Sync);
+        self.commit(true);
         // Leaving the group runs the revoke hook (which commits again, harmlessly) and waits
         // for the broker: keep that off the runtime's workers.
         let consumer = self.consumer;

@@ -125,6 +125,18 @@ impl OffsetTracker {
         out
     }
 
+    /// The broker refused the commit of `point` for `partition` (or it never got there): the
+    /// point counts as not committed, so the next [`Self::take_commits`] sends it again even
+    /// when nothing more arrives. A refusal of an older point, already overtaken by a later
+    /// commit, changes nothing; a partition no longer owned is not committed again.
+    pub fn commit_failed(&mut self, partition: i32, point: i64) {
+        if let Some(p) = self.partitions.get_mut(&partition) {
+            if p.committed == Some(point) {
+                p.committed = Some(point - 1);
+            }
+        }
+    }
+
     /// The commit point of one partition, whether or not it moved.
     pub fn commit_point(&self, partition: i32) -> Option<i64> {
         self.partitions
@@ -136,6 +148,30 @@ impl OffsetTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_commit_is_taken_again_without_new_messages() {
+        let mut t = OffsetTracker::new();
+        t.assign(0);
+        for o in 0..5 {
+            t.fetched(0, o);
+            t.settled(0, o);
+        }
+        assert_eq!(t.take_commits(), vec![(0, 5)]);
+        assert_eq!(t.take_commits(), vec![], "sent once while it stands");
+        t.commit_failed(0, 5);
+        assert_eq!(t.take_commits(), vec![(0, 5)], "refused: sent again");
+        // A late refusal of a point a later commit overtook changes nothing.
+        t.fetched(0, 5);
+        t.settled(0, 5);
+        assert_eq!(t.take_commits(), vec![(0, 6)]);
+        t.commit_failed(0, 5);
+        assert_eq!(t.take_commits(), vec![]);
+        // Nor one of a partition given up.
+        t.revoke(0);
+        t.commit_failed(0, 6);
+        assert_eq!(t.take_commits(), vec![]);
+    }
 
     #[test]
     fn a_slow_early_message_holds_the_commit_point_back() {

@@ -97,11 +97,18 @@ pub(crate) fn kafka_error(context: &str, e: &KafkaError) -> TransportError {
 /// Runs a blocking librdkafka call from inside a spawned task (the fetcher) without stalling
 /// the runtime's other tasks. Calls made from user code use [`off_runtime`] instead.
 pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> R {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    match Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
-        _ => f(),
+    if can_block() {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
     }
+}
+
+/// Whether [`blocking`] keeps the runtime's other tasks going (a multi-thread runtime); on a
+/// current-thread runtime it would stall them all.
+pub(crate) fn can_block() -> bool {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread)
 }
 
 /// Runs a blocking librdkafka call on the blocking pool (one-off calls: connect, metadata,

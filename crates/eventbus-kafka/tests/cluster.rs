@@ -233,6 +233,133 @@ async fn failed_commits_during_a_rebalance_never_commit_stale_offsets() {
         .await;
 }
 
+/// A refused commit is sent again when nothing more arrives. Before, a commit was counted
+/// done when it was sent: refused on an idle partition, the group's committed position stayed
+/// behind until new traffic (or close), and a crash meanwhile redelivered what was handled.
+/// The refusal is seen in the consumer's own warning (its log names the offsets), then the
+/// broker takes commits again and the committed offset reaches the end, with no new message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_commit_is_sent_again_on_an_idle_partition() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    use rdkafka::{Offset, TopicPartitionList};
+
+    const FIRST: usize = 100;
+    const TOTAL: usize = 200;
+    let warnings = commit_warnings();
+    let local = tokio::task::LocalSet::new();
+    local
+        .run_until(async {
+            let cluster = MockCluster::new(1).expect("mock cluster");
+            let topic = unique("krefused");
+            let group = unique("svc");
+            cluster.create_topic(&topic, 1, 1).expect("create topic");
+            let mut c = KafkaConfig::new(cluster.bootstrap_servers());
+            c.topic.partitions = 1;
+            c.consumer.commit_interval = Duration::from_millis(50);
+            let bus = Bus::new(KafkaTransport::connect(c).await.expect("connect"), kit_config())
+                .expect("bus");
+            let handled: Recorder<Envelope> = Recorder::default();
+            bus.subscribe_envelope(&topic, &group, handled.envelope_handler())
+                .await
+                .expect("subscribe");
+            let reader: BaseConsumer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", cluster.bootstrap_servers())
+                .set("group.id", &group)
+                .create()
+                .expect("offset reader");
+            let mut list = TopicPartitionList::new();
+            list.add_partition(&topic, 0);
+            let committed = || -> i64 {
+                reader
+                    .committed_offsets(list.clone(), Duration::from_secs(5))
+                    .ok()
+                    .and_then(|l| l.elements().first().map(|e| e.offset()))
+                    .and_then(|o| match o {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    })
+                    .unwrap_or(0)
+            };
+            let publish = |from: usize, to: usize| {
+                let bus = &bus;
+                let topic = &topic;
+                async move {
+                    for i in from..to {
+                        bus.publish_envelope(topic, &Envelope::new("agg-r", "t", i as i64, json!({})))
+                            .await
+                            .expect("publish");
+                    }
+                    bus.flush().await.expect("flush");
+                }
+            };
+            publish(0, FIRST).await;
+            handled.wait_for(FIRST, "the first envelopes handled").await;
+            assert_eq!(hang_guard_sum(&committed, FIRST as i64).await, FIRST as i64, "first commit");
+            // Every commit from here on is refused, until cleared.
+            cluster.request_errors(
+                RDKafkaApiKey::OffsetCommit,
+                &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS; 10_000],
+            );
+            publish(FIRST, TOTAL).await;
+            handled.wait_for(TOTAL, "every envelope handled").await;
+            let refused = format!("(0, {TOTAL})");
+            let warning = warnings
+                .wait_until("the commit of the last offset refused", |w| {
+                    w.iter().any(|l| l.contains(&refused))
+                })
+                .await;
+            let behind = committed();
+            cluster.clear_request_errors(RDKafkaApiKey::OffsetCommit);
+            let reached = hang_guard_sum(&committed, TOTAL as i64).await;
+            eprintln!(
+                "[commits kafka mock] a commit refused on an idle partition ({} warnings, the last: {:?}); committed {behind} while refused, {reached} of {TOTAL} once the broker took commits again",
+                warning.len(),
+                warning.last()
+            );
+            assert_eq!(behind, FIRST as i64, "nothing committed while refused");
+            assert_eq!(reached, TOTAL as i64, "the refused commit was never sent again");
+            bus.close().await.expect("close");
+        })
+        .await;
+}
+
+/// The consumer's "offset commit failed" warnings of this test process, each as text.
+fn commit_warnings() -> Recorder<String> {
+    use tracing_subscriber::layer::SubscriberExt;
+
+    static WARNINGS: std::sync::OnceLock<Recorder<String>> = std::sync::OnceLock::new();
+    WARNINGS
+        .get_or_init(|| {
+            let rec = Recorder::default();
+            let subscriber = tracing_subscriber::registry().with(CommitWarnings(rec.clone()));
+            // The only global subscriber of this test binary.
+            let _ = tracing::subscriber::set_global_default(subscriber);
+            rec
+        })
+        .clone()
+}
+
+struct CommitWarnings(Recorder<String>);
+
+struct Text<'a>(&'a mut String);
+
+impl tracing::field::Visit for Text<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.push_str(&format!(" {}={:?}", field.name(), value));
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CommitWarnings {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        let mut line = String::new();
+        event.record(&mut Text(&mut line));
+        if line.contains("offset commit failed") {
+            self.0.push(line);
+        }
+    }
+}
+
 /// Samples until the value reaches `want` or a kit timeout passes; returns the last value.
 async fn hang_guard_sum(mut sample: impl FnMut() -> i64, want: i64) -> i64 {
     let deadline = Instant::now() + eventbus_core::testkit::kit_timeout();
