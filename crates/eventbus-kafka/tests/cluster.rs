@@ -138,65 +138,119 @@ async fn a_broker_down_with_replication_factor_3_loses_nothing_and_keeps_order()
         .await;
 }
 
+/// A one-broker mock cluster, a bus subscribed to a new topic of `partitions` (commits every
+/// 50 ms), and a client of its own that reads the group's committed offsets from the broker.
+struct CommitRig {
+    cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    topic: String,
+    bus: Bus<KafkaTransport>,
+    handled: Recorder<Envelope>,
+    reader: rdkafka::consumer::BaseConsumer,
+    partitions: i32,
+}
+
+impl CommitRig {
+    async fn start(prefix: &str, partitions: i32) -> Self {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        let topic = unique(prefix);
+        let group = unique("svc");
+        cluster
+            .create_topic(&topic, partitions, 1)
+            .expect("create topic");
+        let mut c = KafkaConfig::new(cluster.bootstrap_servers());
+        c.topic.partitions = partitions;
+        c.consumer.session_timeout = Duration::from_secs(6);
+        c.consumer.commit_interval = Duration::from_millis(50);
+        let bus = Bus::new(
+            KafkaTransport::connect(c).await.expect("connect"),
+            kit_config(),
+        )
+        .expect("bus");
+        let handled: Recorder<Envelope> = Recorder::default();
+        bus.subscribe_envelope(&topic, &group, handled.envelope_handler())
+            .await
+            .expect("subscribe");
+        let reader = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("group.id", &group)
+            .create()
+            .expect("offset reader");
+        Self {
+            cluster,
+            topic,
+            bus,
+            handled,
+            reader,
+            partitions,
+        }
+    }
+
+    /// The group's committed offset of each partition, as the broker keeps it (0: none).
+    fn committed(&self) -> Vec<i64> {
+        use rdkafka::consumer::Consumer;
+        use rdkafka::{Offset, TopicPartitionList};
+
+        let mut list = TopicPartitionList::new();
+        for p in 0..self.partitions {
+            list.add_partition(&self.topic, p);
+        }
+        self.reader
+            .committed_offsets(list, Duration::from_secs(5))
+            .map(|l| {
+                l.elements()
+                    .iter()
+                    .map(|e| match e.offset() {
+                        Offset::Offset(o) => o,
+                        _ => 0,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Publishes envelopes `from..to` of `aggregates` aggregates and flushes.
+    async fn publish(&self, from: usize, to: usize, aggregates: usize) {
+        for i in from..to {
+            let e = Envelope::new(format!("agg-{}", i % aggregates), "t", i as i64, json!({}));
+            self.bus
+                .publish_envelope(&self.topic, &e)
+                .await
+                .expect("publish");
+        }
+        self.bus.flush().await.expect("flush");
+    }
+
+    /// Every OffsetCommit from now on is answered `REBALANCE_IN_PROGRESS`, `n` times.
+    fn refuse_commits(&self, n: usize) {
+        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+        self.cluster.request_errors(
+            RDKafkaApiKey::OffsetCommit,
+            &vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS; n],
+        );
+    }
+
+    fn accept_commits(&self) {
+        self.cluster
+            .clear_request_errors(rdkafka::types::RDKafkaApiKey::OffsetCommit);
+    }
+}
+
 /// A commit that fails during a rebalance does not later commit stale offsets (Parallel
 /// Consumer #352): with the group coordinator answering `REBALANCE_IN_PROGRESS` to 30 offset
 /// commits while 2,000 envelopes are handled, the committed offsets read from the broker
 /// never go backwards, and once commits succeed again they reach the end of every partition.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_commits_during_a_rebalance_never_commit_stale_offsets() {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-    use rdkafka::{Offset, TopicPartitionList};
-
     const TOTAL: usize = 2_000;
     let local = tokio::task::LocalSet::new();
     local
         .run_until(async {
-            let cluster = MockCluster::new(1).expect("mock cluster");
-            let topic = unique("kcommit");
-            let group = unique("svc");
-            cluster.create_topic(&topic, 2, 1).expect("create topic");
-            let mut c = KafkaConfig::new(cluster.bootstrap_servers());
-            c.topic.partitions = 2;
-            c.consumer.session_timeout = Duration::from_secs(6);
-            c.consumer.commit_interval = Duration::from_millis(50);
-            let bus = Bus::new(KafkaTransport::connect(c).await.expect("connect"), kit_config())
-                .expect("bus");
-            let handled: Recorder<Envelope> = Recorder::default();
-            bus.subscribe_envelope(&topic, &group, handled.envelope_handler())
-                .await
-                .expect("subscribe");
-            cluster.request_errors(
-                RDKafkaApiKey::OffsetCommit,
-                &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS; 30],
-            );
-            // The committed offsets as the broker keeps them, read by a client of its own.
-            let reader: BaseConsumer = rdkafka::ClientConfig::new()
-                .set("bootstrap.servers", cluster.bootstrap_servers())
-                .set("group.id", &group)
-                .create()
-                .expect("offset reader");
-            let mut list = TopicPartitionList::new();
-            list.add_partition(&topic, 0);
-            list.add_partition(&topic, 1);
-            let committed = || -> Vec<i64> {
-                reader
-                    .committed_offsets(list.clone(), Duration::from_secs(5))
-                    .map(|l| {
-                        l.elements()
-                            .iter()
-                            .map(|e| match e.offset() {
-                                Offset::Offset(o) => o,
-                                _ => 0,
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default()
-            };
+            let rig = CommitRig::start("kcommit", 2).await;
+            rig.refuse_commits(30);
             let mut seen: Vec<Vec<i64>> = Vec::new();
             let mut backwards = 0;
             let mut sample = |seen: &mut Vec<Vec<i64>>| {
-                let now = committed();
+                let now = rig.committed();
                 if let Some(prev) = seen.last() {
                     if now.len() == prev.len() && now.iter().zip(prev).any(|(n, p)| n < p) {
                         backwards += 1;
@@ -204,19 +258,14 @@ async fn failed_commits_during_a_rebalance_never_commit_stale_offsets() {
                 }
                 seen.push(now);
             };
-            for i in 0..TOTAL {
-                bus.publish_envelope(&topic, &Envelope::new(format!("agg-{}", i % 50), "t", i as i64, json!({})))
-                    .await
-                    .expect("publish");
-                if i % 100 == 0 {
-                    sample(&mut seen);
-                }
+            for chunk in 0..TOTAL / 100 {
+                rig.publish(chunk * 100, (chunk + 1) * 100, 50).await;
+                sample(&mut seen);
             }
-            bus.flush().await.expect("flush");
-            handled.wait_for(TOTAL, "every envelope handled").await;
+            rig.handled.wait_for(TOTAL, "every envelope handled").await;
             // Commits succeed again (the injected errors are used up or cleared): the
             // committed offsets reach the end without new traffic.
-            cluster.clear_request_errors(RDKafkaApiKey::OffsetCommit);
+            rig.accept_commits();
             let reached = hang_guard_sum(|| {
                 sample(&mut seen);
                 seen.last().map(|v| v.iter().sum::<i64>()).unwrap_or(0)
@@ -226,7 +275,7 @@ async fn failed_commits_during_a_rebalance_never_commit_stale_offsets() {
                 "[commits kafka mock] {TOTAL} envelopes, 30 commits refused: {} samples, {backwards} went backwards, committed {reached} of {TOTAL} at the end",
                 seen.len()
             );
-            bus.close().await.expect("close");
+            rig.bus.close().await.expect("close");
             assert_eq!(backwards, 0, "a committed offset went backwards: {seen:?}");
             assert_eq!(reached, TOTAL as i64, "the commits never caught up");
         })
@@ -240,69 +289,21 @@ async fn failed_commits_during_a_rebalance_never_commit_stale_offsets() {
 /// broker takes commits again and the committed offset reaches the end, with no new message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_commit_is_sent_again_on_an_idle_partition() {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-    use rdkafka::{Offset, TopicPartitionList};
-
     const FIRST: usize = 100;
     const TOTAL: usize = 200;
     let warnings = commit_warnings();
     let local = tokio::task::LocalSet::new();
     local
         .run_until(async {
-            let cluster = MockCluster::new(1).expect("mock cluster");
-            let topic = unique("krefused");
-            let group = unique("svc");
-            cluster.create_topic(&topic, 1, 1).expect("create topic");
-            let mut c = KafkaConfig::new(cluster.bootstrap_servers());
-            c.topic.partitions = 1;
-            c.consumer.commit_interval = Duration::from_millis(50);
-            let bus = Bus::new(KafkaTransport::connect(c).await.expect("connect"), kit_config())
-                .expect("bus");
-            let handled: Recorder<Envelope> = Recorder::default();
-            bus.subscribe_envelope(&topic, &group, handled.envelope_handler())
-                .await
-                .expect("subscribe");
-            let reader: BaseConsumer = rdkafka::ClientConfig::new()
-                .set("bootstrap.servers", cluster.bootstrap_servers())
-                .set("group.id", &group)
-                .create()
-                .expect("offset reader");
-            let mut list = TopicPartitionList::new();
-            list.add_partition(&topic, 0);
-            let committed = || -> i64 {
-                reader
-                    .committed_offsets(list.clone(), Duration::from_secs(5))
-                    .ok()
-                    .and_then(|l| l.elements().first().map(|e| e.offset()))
-                    .and_then(|o| match o {
-                        Offset::Offset(o) => Some(o),
-                        _ => None,
-                    })
-                    .unwrap_or(0)
-            };
-            let publish = |from: usize, to: usize| {
-                let bus = &bus;
-                let topic = &topic;
-                async move {
-                    for i in from..to {
-                        bus.publish_envelope(topic, &Envelope::new("agg-r", "t", i as i64, json!({})))
-                            .await
-                            .expect("publish");
-                    }
-                    bus.flush().await.expect("flush");
-                }
-            };
-            publish(0, FIRST).await;
-            handled.wait_for(FIRST, "the first envelopes handled").await;
-            assert_eq!(hang_guard_sum(&committed, FIRST as i64).await, FIRST as i64, "first commit");
-            // Every commit from here on is refused, until cleared.
-            cluster.request_errors(
-                RDKafkaApiKey::OffsetCommit,
-                &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS; 10_000],
-            );
-            publish(FIRST, TOTAL).await;
-            handled.wait_for(TOTAL, "every envelope handled").await;
+            let rig = CommitRig::start("krefused", 1).await;
+            let committed = || rig.committed().first().copied().unwrap_or(0);
+            rig.publish(0, FIRST, 1).await;
+            rig.handled.wait_for(FIRST, "the first envelopes handled").await;
+            assert_eq!(hang_guard_sum(committed, FIRST as i64).await, FIRST as i64, "first commit");
+            // Every commit from here on is refused, until accepted again.
+            rig.refuse_commits(10_000);
+            rig.publish(FIRST, TOTAL, 1).await;
+            rig.handled.wait_for(TOTAL, "every envelope handled").await;
             let refused = format!("(0, {TOTAL})");
             let warning = warnings
                 .wait_until("the commit of the last offset refused", |w| {
@@ -310,8 +311,8 @@ async fn a_refused_commit_is_sent_again_on_an_idle_partition() {
                 })
                 .await;
             let behind = committed();
-            cluster.clear_request_errors(RDKafkaApiKey::OffsetCommit);
-            let reached = hang_guard_sum(&committed, TOTAL as i64).await;
+            rig.accept_commits();
+            let reached = hang_guard_sum(committed, TOTAL as i64).await;
             eprintln!(
                 "[commits kafka mock] a commit refused on an idle partition ({} warnings, the last: {:?}); committed {behind} while refused, {reached} of {TOTAL} once the broker took commits again",
                 warning.len(),
@@ -319,7 +320,7 @@ async fn a_refused_commit_is_sent_again_on_an_idle_partition() {
             );
             assert_eq!(behind, FIRST as i64, "nothing committed while refused");
             assert_eq!(reached, TOTAL as i64, "the refused commit was never sent again");
-            bus.close().await.expect("close");
+            rig.bus.close().await.expect("close");
         })
         .await;
 }
