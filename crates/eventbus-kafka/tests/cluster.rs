@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use eventbus_core::testkit::{
-    every_event_handled, kit_config, ordering_violations, unique, Recorder,
+    captured_log, every_event_handled, kit_config, ordering_violations, unique, Recorder,
 };
 use eventbus_core::{Bus, Envelope};
 use eventbus_kafka::{KafkaConfig, KafkaTransport};
@@ -291,7 +291,7 @@ async fn failed_commits_during_a_rebalance_never_commit_stale_offsets() {
 async fn a_refused_commit_is_sent_again_on_an_idle_partition() {
     const FIRST: usize = 100;
     const TOTAL: usize = 200;
-    let warnings = commit_warnings();
+    let log = captured_log();
     let local = tokio::task::LocalSet::new();
     local
         .run_until(async {
@@ -305,11 +305,16 @@ async fn a_refused_commit_is_sent_again_on_an_idle_partition() {
             rig.publish(FIRST, TOTAL, 1).await;
             rig.handled.wait_for(TOTAL, "every envelope handled").await;
             let refused = format!("(0, {TOTAL})");
-            let warning = warnings
-                .wait_until("the commit of the last offset refused", |w| {
-                    w.iter().any(|l| l.contains(&refused))
+            let warning: Vec<String> = log
+                .wait_until("the commit of the last offset refused", |lines| {
+                    lines
+                        .iter()
+                        .any(|l| l.contains("offset commit failed") && l.contains(&refused))
                 })
-                .await;
+                .await
+                .into_iter()
+                .filter(|l| l.contains("offset commit failed"))
+                .collect();
             let behind = committed();
             rig.accept_commits();
             let reached = hang_guard_sum(committed, TOTAL as i64).await;
@@ -323,42 +328,6 @@ async fn a_refused_commit_is_sent_again_on_an_idle_partition() {
             rig.bus.close().await.expect("close");
         })
         .await;
-}
-
-/// The consumer's "offset commit failed" warnings of this test process, each as text.
-fn commit_warnings() -> Recorder<String> {
-    use tracing_subscriber::layer::SubscriberExt;
-
-    static WARNINGS: std::sync::OnceLock<Recorder<String>> = std::sync::OnceLock::new();
-    WARNINGS
-        .get_or_init(|| {
-            let rec = Recorder::default();
-            let subscriber = tracing_subscriber::registry().with(CommitWarnings(rec.clone()));
-            // The only global subscriber of this test binary.
-            let _ = tracing::subscriber::set_global_default(subscriber);
-            rec
-        })
-        .clone()
-}
-
-struct CommitWarnings(Recorder<String>);
-
-struct Text<'a>(&'a mut String);
-
-impl tracing::field::Visit for Text<'_> {
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        self.0.push_str(&format!(" {}={:?}", field.name(), value));
-    }
-}
-
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CommitWarnings {
-    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-        let mut line = String::new();
-        event.record(&mut Text(&mut line));
-        if line.contains("offset commit failed") {
-            self.0.push(line);
-        }
-    }
 }
 
 /// Samples until the value reaches `want` or a kit timeout passes; returns the last value.

@@ -8,62 +8,17 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use common::OwnServer;
-use eventbus_core::testkit::{kit_config, unique, Recorder};
+use eventbus_core::testkit::{captured_log, kit_config, unique, Recorder};
 use eventbus_core::{Bus, Envelope, TransportError};
 use eventbus_nats::{Auth, NatsConfig, NatsTransport, Secret, Tls};
 use serde_json::json;
-use tracing_subscriber::layer::SubscriberExt;
 
 const PASSWORD: &str = "pw-7f3a-never-logged";
 const TOKEN: &str = "tok-91c2-never-logged";
 const WRONG: &str = "wrong-5d0e-never-logged";
-
-/// Every log event of this binary, formatted, from the first test on.
-fn log() -> &'static Arc<Mutex<String>> {
-    static LOG: OnceLock<Arc<Mutex<String>>> = OnceLock::new();
-    LOG.get_or_init(|| {
-        let buf = Arc::new(Mutex::new(String::new()));
-        let subscriber = tracing_subscriber::registry().with(Capture(buf.clone()));
-        tracing::subscriber::set_global_default(subscriber).expect("the only global subscriber");
-        buf
-    })
-}
-
-/// Records events and span fields as text, at every level.
-struct Capture(Arc<Mutex<String>>);
-
-struct Text<'a>(&'a mut String);
-
-impl tracing::field::Visit for Text<'_> {
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        self.0.push_str(&format!(" {}={:?}", field.name(), value));
-    }
-}
-
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
-    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-        let mut line = format!("{} {}", event.metadata().level(), event.metadata().target());
-        event.record(&mut Text(&mut line));
-        line.push('\n');
-        self.0.lock().expect("log").push_str(&line);
-    }
-
-    fn on_new_span(
-        &self,
-        attrs: &tracing::span::Attributes<'_>,
-        _: &tracing::span::Id,
-        _: tracing_subscriber::layer::Context<'_, S>,
-    ) {
-        let mut line = format!("span {}", attrs.metadata().name());
-        attrs.record(&mut Text(&mut line));
-        line.push('\n');
-        self.0.lock().expect("log").push_str(&line);
-    }
-}
 
 fn assert_no_secret(what: &str, text: &str) {
     for secret in [PASSWORD, TOKEN, WRONG] {
@@ -72,7 +27,7 @@ fn assert_no_secret(what: &str, text: &str) {
 }
 
 fn assert_log_clean() {
-    let text = log().lock().expect("log").clone();
+    let text = captured_log().snapshot().join("\n");
     assert!(!text.is_empty(), "the log capture recorded nothing");
     assert_no_secret("the log", &text);
 }
@@ -223,7 +178,7 @@ fn expect_unavailable(result: Result<NatsTransport, TransportError>, port: u16) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_user_and_password() {
-    log();
+    captured_log();
     let certs = Certs::generate("tls-user");
     let mut args = certs.server_args();
     args.extend([
@@ -285,7 +240,7 @@ async fn tls_with_user_and_password() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_required_by_the_server() {
-    log();
+    captured_log();
     let args = vec!["--auth".to_string(), TOKEN.to_string()];
     let (server, store) = server("token", &args);
     let with = |auth: Auth| NatsConfig::new(server.url()).with_auth(auth);
@@ -314,7 +269,7 @@ async fn token_required_by_the_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_client_against_a_tls_server_is_refused_clearly() {
-    log();
+    captured_log();
     let certs = Certs::generate("tls-plain");
     let (server, store) = server("tls-plain", &certs.server_args());
     // TLS not asked for by the client: the server requires it, the client follows (async-nats

@@ -34,6 +34,7 @@ mod failures;
 mod faults;
 mod groups;
 mod lifecycle;
+mod log;
 mod ordering;
 mod outage;
 mod peers;
@@ -52,6 +53,7 @@ pub use faults::{
 };
 pub use groups::*;
 pub use lifecycle::*;
+pub use log::captured_log;
 pub use ordering::*;
 pub use outage::{connection_lost_and_back, Outage};
 pub use peers::*;
