@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use common::{nats_url, Nats, OwnServer};
 use eventbus_core::testkit::{
-    connection_lost_and_back, hang_guard, join_group, kit_config, kit_timeout, ordering_violations,
-    peak_tasks_during_flow, unique, Backend, GroupLedger, Outage, Recorder,
+    connection_lost_and_back, every_event_handled, hang_guard, join_group, kit_config, kit_timeout,
+    ordering_violations, peak_tasks_during_flow, unique, Backend, GroupLedger, Outage, Recorder,
 };
 use eventbus_core::{
     headers, Bus, BusConfig, BusError, ConnectionState, Envelope, Publication, TransportError,
@@ -642,4 +642,92 @@ async fn a_closed_instance_hands_its_partitions_over_at_once() {
         "the closed instance handled events after close"
     );
     staying.close().await.expect("close");
+}
+
+/// Deliveries that never reach the fetcher (a pull in flight when a cluster's leader dies,
+/// or a stale pull request of a dropped inbox) must not let later events of their aggregate
+/// overtake them. A second client pulls from the partition's consumer and never acks, so
+/// the first messages go to it; without the gap check the bus handled the rest at once and
+/// the stolen ones only after ack_wait, behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_lost_in_transit_do_not_let_later_events_overtake_them() {
+    const EVENTS: i64 = 10;
+    let mut nats = Nats::new();
+    nats.config.stream.partitions = 1;
+    nats.config.consumer.ack_wait = Duration::from_secs(2);
+    nats.config.group = GroupSettings {
+        lease_ttl: Duration::from_secs(3),
+        heartbeat: Duration::from_millis(200),
+        instance_id: None,
+    };
+    let topic = unique("nats-gap");
+    let group = unique("svc");
+    // A first member creates the partition's consumer, handles one event and leaves.
+    let first = nats.connect(kit_config()).await.expect("connect");
+    let warmup: Recorder<Envelope> = Recorder::default();
+    first
+        .subscribe_envelope(&topic, &group, warmup.envelope_handler())
+        .await
+        .expect("subscribe");
+    let e = Envelope::new("agg", "t", 0, json!({}));
+    first.publish_envelope(&topic, &e).await.expect("publish");
+    warmup.wait_for(1, "the first event").await;
+    let stream_name = first.transport().stream_name(&topic);
+    first.close().await.expect("close");
+    drop(first);
+
+    // The thief's pull waits at the server before the next member's pulls.
+    let raw = async_nats::connect(nats_url()).await.expect("raw client");
+    let js = async_nats::jetstream::new(raw.clone());
+    let stream = js.get_stream(&stream_name).await.expect("stream");
+    let consumers: Vec<String> =
+        futures_util::StreamExt::collect::<Vec<_>>(stream.consumer_names())
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .expect("consumer names");
+    let [consumer] = consumers.as_slice() else {
+        panic!("one partition, one group: one consumer, got {consumers:?}");
+    };
+    let inbox = raw.new_inbox();
+    let mut stolen = raw.subscribe(inbox.clone()).await.expect("thief inbox");
+    raw.publish_with_reply(
+        format!("$JS.API.CONSUMER.MSG.NEXT.{stream_name}.{consumer}"),
+        inbox,
+        r#"{"batch":3,"expires":60000000000}"#.into(),
+    )
+    .await
+    .expect("thief pull");
+    raw.flush().await.expect("flush");
+
+    let second = nats.connect(kit_config()).await.expect("connect");
+    let handled: Recorder<Envelope> = Recorder::default();
+    second
+        .subscribe_envelope(&topic, &group, handled.envelope_handler())
+        .await
+        .expect("subscribe");
+    let mut ids = Vec::new();
+    for v in 1..=EVENTS {
+        let e = Envelope::new("agg", "t", v, json!({}));
+        ids.push(e.event_id.clone());
+        second.publish_envelope(&topic, &e).await.expect("publish");
+    }
+    second.flush().await.expect("flush");
+    let taken = hang_guard(
+        "the thief's first message",
+        futures_util::StreamExt::next(&mut stolen),
+    )
+    .await
+    .expect("thief inbox open");
+    let taken = Envelope::from_json(&taken.payload).expect("an envelope");
+    let (got, first_handlings) =
+        every_event_handled(&handled, &ids, "every event, the stolen ones too").await;
+    let order: Vec<i64> = got.iter().map(|e| e.event_version).collect();
+    assert_eq!(
+        ordering_violations(&first_handlings),
+        0,
+        "the thief took version {}; handled in the order {order:?}",
+        taken.event_version
+    );
+    second.close().await.expect("close");
 }
