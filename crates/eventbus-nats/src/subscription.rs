@@ -1,5 +1,13 @@
 //! A consumer group member: pulls from the partitions its group hands it, through one fetcher.
+//!
+//! Deliveries lost on the way (a pull in flight when a cluster's consumer leader died, the
+//! reply of a pull request whose inbox is gone) are seen as a jump in the consumer sequence,
+//! which one puller sees contiguous, redeliveries included. The server would redeliver them
+//! only after the ack wait, behind later events of their aggregates; so the fetcher stops
+//! pulling that partition at once, dispatches nothing from it past the jump, and has the
+//! coordinator restart its consumer at the ack floor once what was dispatched is settled.
 
+use std::collections::BTreeMap;
 use std::future::poll_fn;
 use std::sync::Arc;
 use std::task::Poll;
@@ -34,6 +42,12 @@ pub struct NatsSubscription {
     pull_expires: Duration,
     membership: Option<Membership>,
     pulling: Vec<Pulling>,
+    /// Per owned partition: the epoch it is pulled under and the consumer sequence the next
+    /// delivery must carry. At most one entry per partition of the topic.
+    expected: BTreeMap<u16, (u64, u64)>,
+    /// Partitions (with their epoch) held back for a restart: not pulled again until the
+    /// coordinator hands them over under a new epoch.
+    restarting: Vec<(u16, u64)>,
     /// Where the next look for a message starts, so no partition starves the others.
     turn: usize,
     /// A pull stream ended or could not start: look at the assignment again.
@@ -92,6 +106,8 @@ impl NatsSubscription {
             pull_expires: config.pull_expires,
             membership: Some(membership),
             pulling: Vec::new(),
+            expected: BTreeMap::new(),
+            restarting: Vec::new(),
             turn: 0,
             dirty: false,
         })
@@ -105,19 +121,31 @@ impl NatsSubscription {
             return;
         };
         let owned = membership.assignment.borrow_and_update().clone();
-        self.pulling.retain(|p| {
+        let current = |partition: u16, epoch: u64| {
             owned
                 .iter()
-                .any(|o| o.partition == p.partition && o.epoch == p.epoch)
-        });
+                .any(|o| o.partition == partition && o.epoch == epoch)
+        };
+        self.pulling.retain(|p| current(p.partition, p.epoch));
+        self.restarting.retain(|&(p, e)| current(p, e));
+        self.expected.retain(|&p, &mut (e, _)| current(p, e));
         self.dirty = false;
         // Each stream keeps a share of the batch requested, so the prefetched total stays
         // about one batch however many partitions this instance owns.
         let per_stream = (batch / owned.len().max(1)).max(16);
         for o in owned.iter() {
-            if self.pulling.iter().any(|p| p.partition == o.partition) {
+            if self.pulling.iter().any(|p| p.partition == o.partition)
+                || self.restarting.contains(&(o.partition, o.epoch))
+            {
                 continue;
             }
+            // A partition taken (or restarted) under this epoch continues from what its
+            // consumer had delivered when it was readied; one pulled before under the same
+            // epoch, from where its last stream stopped.
+            let delivered = o.consumer.cached_info().delivered.consumer_sequence;
+            self.expected
+                .entry(o.partition)
+                .or_insert((o.epoch, delivered + 1));
             let started = o
                 .consumer
                 .stream()
@@ -138,6 +166,36 @@ impl NatsSubscription {
             }
         }
         membership.set_pulling(self.pulling.iter().map(|p| p.partition));
+    }
+
+    /// Whether `m`, just taken from `self.pulling[idx]`, follows the last delivery of its
+    /// partition. On a jump it is dropped unacked, with the rest of the partition's pull
+    /// stream, and the partition is held back for a restart at its ack floor.
+    fn admit(&mut self, idx: usize, m: &jetstream::Message) -> bool {
+        let (partition, epoch) = (self.pulling[idx].partition, self.pulling[idx].epoch);
+        let Ok(info) = m.info() else {
+            return true;
+        };
+        let seq = info.consumer_sequence;
+        let Some((_, next)) = self.expected.get_mut(&partition) else {
+            return true;
+        };
+        if seq <= *next {
+            // Contiguous, or behind: the server went back (a new consumer leader that had
+            // not heard of the last deliveries) and sends again what followed, in order.
+            *next = seq + 1;
+            return true;
+        }
+        tracing::warn!(topic = %self.topic, partition, expected = *next, got = seq,
+            "deliveries of the partition were lost on the way; restarting it at its ack floor");
+        self.pulling.swap_remove(idx);
+        self.restarting.push((partition, epoch));
+        self.expected.remove(&partition);
+        if let Some(m) = self.membership.as_ref() {
+            m.set_pulling(self.pulling.iter().map(|p| p.partition));
+            m.restart(partition, epoch);
+        }
+        false
     }
 
     fn delivery(&self, partition: u16, mut m: jetstream::Message) -> NatsDelivery {
@@ -239,7 +297,10 @@ impl Subscription for NatsSubscription {
             match next {
                 Next::Message(idx, m) => {
                     self.turn = idx + 1;
-                    batch.push((self.pulling[idx].partition, m));
+                    let partition = self.pulling[idx].partition;
+                    if self.admit(idx, &m) {
+                        batch.push(self.delivery(partition, m));
+                    }
                 }
                 Next::Failed(idx, e) => {
                     use async_nats::jetstream::consumer::pull::MessagesErrorKind;
@@ -272,7 +333,10 @@ impl Subscription for NatsSubscription {
             match self.pulling[idx].messages.next().now_or_never() {
                 Some(Some(Ok(m))) => {
                     idle = 0;
-                    batch.push((self.pulling[idx].partition, m));
+                    let partition = self.pulling[idx].partition;
+                    if self.admit(idx, &m) {
+                        batch.push(self.delivery(partition, m));
+                    }
                 }
                 Some(Some(Err(e))) => {
                     tracing::debug!(error = %e, "pull stream error after a batch");
@@ -286,10 +350,7 @@ impl Subscription for NatsSubscription {
                 None => idle += 1,
             }
         }
-        Ok(batch
-            .into_iter()
-            .map(|(partition, m)| self.delivery(partition, m))
-            .collect())
+        Ok(batch)
     }
 
     async fn release_prefetched(&mut self) {

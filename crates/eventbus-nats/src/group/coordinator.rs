@@ -14,7 +14,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 use super::assignment::owned_partitions;
-use super::{Membership, Owned, PartitionLoad};
+use super::{Membership, Owned, PartitionLoad, Restarts};
 use crate::naming::{consumer_name, lease_key, member_key, member_prefix, partition_subject};
 use eventbus_core::TransportError;
 
@@ -47,6 +47,9 @@ struct Lease {
     valid_until: Instant,
     /// Being given up: no longer pulled, released once its deliveries are settled.
     revoking: bool,
+    /// Deliveries were lost on the way to the fetcher: no longer pulled, its consumer is
+    /// restarted at the ack floor once its deliveries are settled.
+    restarting: bool,
     owned: Owned,
 }
 
@@ -60,6 +63,7 @@ struct Coordinator {
     stream: Stream,
     load: Arc<PartitionLoad>,
     pulling: Arc<Mutex<BTreeSet<u16>>>,
+    restarts: Arc<Restarts>,
     assignment: watch::Sender<Arc<Vec<Owned>>>,
     held: BTreeMap<u16, Lease>,
     members: Vec<String>,
@@ -71,6 +75,7 @@ struct Coordinator {
 pub(crate) async fn join(spec: GroupSpec, bucket: GroupBucket, stream: Stream) -> Membership {
     let load = Arc::new(PartitionLoad::new(spec.partitions));
     let pulling = Arc::new(Mutex::new(BTreeSet::new()));
+    let restarts = Arc::new(Restarts::default());
     let (assignment, receiver) = watch::channel(Arc::new(Vec::new()));
     let (stop, stopped) = oneshot::channel();
     let leave_within = spec.lease_ttl;
@@ -82,6 +87,7 @@ pub(crate) async fn join(spec: GroupSpec, bucket: GroupBucket, stream: Stream) -
         stream,
         load: load.clone(),
         pulling: pulling.clone(),
+        restarts: restarts.clone(),
         assignment,
         held: BTreeMap::new(),
         members: Vec::new(),
@@ -93,6 +99,7 @@ pub(crate) async fn join(spec: GroupSpec, bucket: GroupBucket, stream: Stream) -
         assignment: receiver,
         load,
         pulling,
+        restarts,
         stop: Some(stop),
         task: Some(task),
         leave_within,
@@ -109,10 +116,14 @@ impl Coordinator {
         let start = Instant::now() + self.spec.heartbeat;
         let mut ticks = tokio::time::interval_at(start, self.spec.heartbeat);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Besides the heartbeat: a restart asked for, or a partition waited on settled.
+        let (restarts, load) = (self.restarts.clone(), self.load.clone());
         loop {
             tokio::select! {
                 _ = &mut stopped => break,
                 _ = ticks.tick() => self.tick().await,
+                _ = restarts.wake.notified() => self.tick().await,
+                _ = load.drained.notified() => self.tick().await,
             }
         }
         self.leave().await;
@@ -121,15 +132,20 @@ impl Coordinator {
     async fn tick(&mut self) {
         self.announce().await;
         self.renew().await;
+        self.take_restarts();
         let mine = owned_partitions(&self.members, &self.spec.instance, self.spec.partitions);
         for (p, lease) in self.held.iter_mut() {
             if !mine.contains(p) && !lease.revoking {
                 tracing::debug!(group = %self.spec.group, partition = p, "giving the partition up");
                 lease.revoking = true;
+                self.load.set_draining(*p, true);
             }
         }
         self.publish();
         self.release_finished().await;
+        if self.restart_finished().await {
+            self.publish();
+        }
         // Taking partitions stops when the heartbeat is spent, so the next renewal is on time.
         let budget = Instant::now() + self.spec.heartbeat;
         for p in mine {
@@ -225,16 +241,73 @@ impl Coordinator {
                 tracing::warn!(group = %self.spec.group, partition = p,
                     "partition lease lost (lapsed or taken over): no longer pulling it");
                 self.held.remove(&p);
+                self.load.set_draining(p, false);
             }
         }
     }
 
-    /// Tells the fetcher what to pull: held leases not being given up.
+    /// Marks the partitions the fetcher asked to restart, if they are still held under the
+    /// epoch it pulled them with.
+    fn take_restarts(&mut self) {
+        for (p, epoch) in self.restarts.take() {
+            let Some(lease) = self.held.get_mut(&p) else {
+                continue;
+            };
+            if lease.owned.epoch == epoch && !lease.revoking && !lease.restarting {
+                lease.restarting = true;
+                self.load.set_draining(p, true);
+            }
+        }
+    }
+
+    /// Restarts, at their ack floor, the consumers of the partitions marked for it whose
+    /// deliveries were all settled. True if any was restarted.
+    async fn restart_finished(&mut self) -> bool {
+        let pulling = self
+            .pulling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let due: Vec<u16> = self
+            .held
+            .iter()
+            .filter(|(p, l)| l.restarting && !pulling.contains(p) && self.load.get(**p) == 0)
+            .map(|(p, _)| *p)
+            .collect();
+        let mut any = false;
+        for p in due {
+            let ready = tokio::time::timeout(self.spec.heartbeat, self.ready_consumer(p));
+            match ready
+                .await
+                .unwrap_or_else(|_| Err(TransportError::Timeout("readying the consumer".into())))
+            {
+                Ok(consumer) => {
+                    self.epoch += 1;
+                    let epoch = self.epoch;
+                    if let Some(lease) = self.held.get_mut(&p) {
+                        lease.restarting = false;
+                        lease.owned = Owned {
+                            partition: p,
+                            epoch,
+                            consumer,
+                        };
+                        self.load.set_draining(p, false);
+                        any = true;
+                    }
+                }
+                Err(e) => tracing::warn!(group = %self.spec.group, partition = p, error = %e,
+                    "cannot restart the partition's consumer; trying again"),
+            }
+        }
+        any
+    }
+
+    /// Tells the fetcher what to pull: held leases not being given up or restarted.
     fn publish(&self) {
         let owned: Vec<Owned> = self
             .held
             .values()
-            .filter(|l| !l.revoking)
+            .filter(|l| !l.revoking && !l.restarting)
             .map(|l| l.owned.clone())
             .collect();
         self.assignment.send_if_modified(|current| {
@@ -266,6 +339,7 @@ impl Coordinator {
             .collect();
         for p in done {
             if let Some(lease) = self.held.remove(&p) {
+                self.load.set_draining(p, false);
                 self.release(p, lease.revision).await;
             }
         }
@@ -309,6 +383,7 @@ impl Coordinator {
         {
             Ok(consumer) => {
                 self.epoch += 1;
+                self.load.set_draining(partition, false);
                 tracing::debug!(group = %self.spec.group, partition, "partition taken");
                 self.held.insert(
                     partition,
@@ -316,6 +391,7 @@ impl Coordinator {
                         revision,
                         valid_until: sent + self.spec.lease_ttl - self.spec.heartbeat,
                         revoking: false,
+                        restarting: false,
                         owned: Owned {
                             partition,
                             epoch: self.epoch,

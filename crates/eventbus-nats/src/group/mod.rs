@@ -18,13 +18,13 @@
 mod assignment;
 mod coordinator;
 
-use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
 pub(crate) use coordinator::{join, GroupBucket, GroupSpec};
@@ -32,12 +32,25 @@ pub(crate) use coordinator::{join, GroupBucket, GroupSpec};
 /// Deliveries handed to the dispatcher and not settled yet, per partition.
 pub(crate) struct PartitionLoad {
     out: Box<[AtomicUsize]>,
+    /// Partitions the coordinator waits to see settled (given up or to be restarted).
+    draining: Box<[AtomicBool]>,
+    /// Woken when a draining partition's last delivery is settled.
+    drained: Notify,
 }
 
 impl PartitionLoad {
     fn new(partitions: u16) -> Self {
         Self {
             out: (0..partitions).map(|_| AtomicUsize::new(0)).collect(),
+            draining: (0..partitions).map(|_| AtomicBool::new(false)).collect(),
+            drained: Notify::new(),
+        }
+    }
+
+    /// Wakes the coordinator once `partition` has no delivery out, while `on` holds.
+    fn set_draining(&self, partition: u16, on: bool) {
+        if let Some(d) = self.draining.get(usize::from(partition)) {
+            d.store(on, Ordering::Release);
         }
     }
 
@@ -68,8 +81,13 @@ impl LoadGuard {
 
 impl Drop for LoadGuard {
     fn drop(&mut self) {
-        if let Some(n) = self.load.out.get(usize::from(self.partition)) {
-            n.fetch_sub(1, Ordering::AcqRel);
+        let p = usize::from(self.partition);
+        if let Some(n) = self.load.out.get(p) {
+            let last = n.fetch_sub(1, Ordering::AcqRel) == 1;
+            let watched = self.load.draining.get(p);
+            if last && watched.is_some_and(|d| d.load(Ordering::Acquire)) {
+                self.load.drained.notify_one();
+            }
         }
     }
 }
@@ -83,6 +101,27 @@ pub(crate) struct Owned {
     pub(crate) consumer: PullConsumer,
 }
 
+/// Restart requests from the fetcher to the coordinator: at most one per partition.
+#[derive(Default)]
+pub(crate) struct Restarts {
+    asked: Mutex<BTreeMap<u16, u64>>,
+    wake: Notify,
+}
+
+impl Restarts {
+    fn request(&self, partition: u16, epoch: u64) {
+        self.asked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(partition, epoch);
+        self.wake.notify_one();
+    }
+
+    fn take(&self) -> BTreeMap<u16, u64> {
+        std::mem::take(&mut *self.asked.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
 /// The subscription's side of its group membership.
 pub(crate) struct Membership {
     /// The partitions to pull now; changes wake the fetcher.
@@ -91,6 +130,9 @@ pub(crate) struct Membership {
     /// What the fetcher pulls from now; a partition given up leaves the group only after the
     /// fetcher dropped it from here and its load fell to zero.
     pulling: Arc<Mutex<BTreeSet<u16>>>,
+    /// Partitions (with their epoch) the fetcher stopped pulling because deliveries of theirs
+    /// were lost on the way: the coordinator restarts their consumers at the ack floor.
+    restarts: Arc<Restarts>,
     /// Sending on it, or dropping it with the membership, tells the coordinator to leave.
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -104,6 +146,13 @@ impl Membership {
         let mut p = self.pulling.lock().unwrap_or_else(|e| e.into_inner());
         p.clear();
         p.extend(partitions);
+    }
+
+    /// Asks for `partition`'s consumer to be restarted at its ack floor once its deliveries
+    /// are settled; the fetcher no longer pulls it. The partition comes back in the
+    /// assignment with a new epoch.
+    pub(crate) fn restart(&self, partition: u16, epoch: u64) {
+        self.restarts.request(partition, epoch);
     }
 
     /// Leaves the group: releases every lease and the membership entry, so other instances
