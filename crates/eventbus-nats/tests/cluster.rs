@@ -215,9 +215,8 @@ async fn killing_the_stream_leader_loses_nothing_acknowledged_and_keeps_order() 
     assert_eq!(failed, 0, "publishes failed across the failover");
     assert_eq!(first.len(), ids.len(), "acknowledged events lost");
     assert_eq!(stored, Some(0), "per-aggregate order broken in the stream");
-    // Known defect (issue 12 stays open on it): in 1 of about 8 runs the *handling* showed
-    // order violations (93 of 20,000 on 2026-12-03) while the stream's order, loss and
-    // duplicates were all clean: deliveries in flight when the leader died are redelivered
-    // by the new leader after ack_wait, behind later ones. Reported above, not asserted,
-    // until the fetcher holds a partition back on a gap in the consumer sequence.
+    // Deliveries in flight when the leader died are lost on their way to the fetcher; the
+    // gap in the consumer sequence restarts the partition at its ack floor, so they are not
+    // handled after later events of their aggregates.
+    assert_eq!(ordering_violations(&first), 0, "per-aggregate order broken in the handling");
 }
