@@ -218,5 +218,9 @@ async fn killing_the_stream_leader_loses_nothing_acknowledged_and_keeps_order() 
     // Deliveries in flight when the leader died are lost on their way to the fetcher; the
     // gap in the consumer sequence restarts the partition at its ack floor, so they are not
     // handled after later events of their aggregates.
-    assert_eq!(ordering_violations(&first), 0, "per-aggregate order broken in the handling");
+    assert_eq!(
+        ordering_violations(&first),
+        0,
+        "per-aggregate order broken in the handling"
+    );
 }
