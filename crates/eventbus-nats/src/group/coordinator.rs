@@ -263,17 +263,7 @@ impl Coordinator {
     /// Restarts, at their ack floor, the consumers of the partitions marked for it whose
     /// deliveries were all settled. True if any was restarted.
     async fn restart_finished(&mut self) -> bool {
-        let pulling = self
-            .pulling
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let due: Vec<u16> = self
-            .held
-            .iter()
-            .filter(|(p, l)| l.restarting && !pulling.contains(p) && self.load.get(**p) == 0)
-            .map(|(p, _)| *p)
-            .collect();
+        let due = self.settled(|l| l.restarting);
         let mut any = false;
         for p in due {
             let ready = tokio::time::timeout(self.spec.heartbeat, self.ready_consumer(p));
@@ -323,20 +313,25 @@ impl Coordinator {
         });
     }
 
-    /// Releases the leases being given up whose partitions are no longer pulled and whose
-    /// deliveries were all settled.
-    async fn release_finished(&mut self) {
+    /// The held partitions `marked` whose fetcher no longer pulls them and whose deliveries
+    /// were all settled.
+    fn settled(&self, marked: impl Fn(&Lease) -> bool) -> Vec<u16> {
         let pulling = self
             .pulling
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let done: Vec<u16> = self
-            .held
+        self.held
             .iter()
-            .filter(|(p, l)| l.revoking && !pulling.contains(p) && self.load.get(**p) == 0)
+            .filter(|(p, l)| marked(l) && !pulling.contains(p) && self.load.get(**p) == 0)
             .map(|(p, _)| *p)
-            .collect();
+            .collect()
+    }
+
+    /// Releases the leases being given up whose partitions are no longer pulled and whose
+    /// deliveries were all settled.
+    async fn release_finished(&mut self) {
+        let done = self.settled(|l| l.revoking);
         for p in done {
             if let Some(lease) = self.held.remove(&p) {
                 self.load.set_draining(p, false);
