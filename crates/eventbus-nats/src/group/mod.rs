@@ -171,3 +171,50 @@ impl Membership {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+
+    fn woken(load: &PartitionLoad) -> bool {
+        load.drained.notified().now_or_never().is_some()
+    }
+
+    #[test]
+    fn a_draining_partition_wakes_the_coordinator_when_its_last_delivery_settles() {
+        let load = Arc::new(PartitionLoad::new(4));
+        let (a, b) = (LoadGuard::new(&load, 2), LoadGuard::new(&load, 2));
+        let other = LoadGuard::new(&load, 3);
+        load.set_draining(2, true);
+        drop(a);
+        assert_eq!(load.get(2), 1);
+        assert!(!woken(&load), "woken with a delivery still out");
+        drop(other);
+        assert!(!woken(&load), "woken by a partition nobody waits on");
+        drop(b);
+        assert_eq!(load.get(2), 0);
+        assert!(woken(&load), "not woken when the last delivery settled");
+    }
+
+    #[test]
+    fn a_partition_not_draining_wakes_nobody_and_unknown_partitions_are_ignored() {
+        let load = Arc::new(PartitionLoad::new(2));
+        load.set_draining(9, true);
+        drop(LoadGuard::new(&load, 9));
+        drop(LoadGuard::new(&load, 1));
+        assert_eq!(load.get(9), 0);
+        assert!(!woken(&load));
+    }
+
+    #[test]
+    fn restart_requests_keep_one_epoch_per_partition_and_are_taken_once() {
+        let restarts = Restarts::default();
+        restarts.request(1, 4);
+        restarts.request(1, 5);
+        restarts.request(0, 2);
+        assert!(restarts.wake.notified().now_or_never().is_some());
+        assert_eq!(restarts.take(), BTreeMap::from([(0, 2), (1, 5)]));
+        assert!(restarts.take().is_empty());
+    }
+}
