@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use common::{nats_url, Nats, OwnServer};
 use eventbus_core::testkit::{
-    connection_lost_and_back, every_event_handled, hang_guard, join_group, kit_config, kit_timeout,
-    ordering_violations, peak_tasks_during_flow, unique, Backend, GroupLedger, Outage, Recorder,
+    captured_log, connection_lost_and_back, every_event_handled, hang_guard, join_group,
+    kit_config, kit_timeout, ordering_violations, peak_tasks_during_flow, unique, Backend,
+    GroupLedger, Outage, Recorder,
 };
 use eventbus_core::{
     headers, Bus, BusConfig, BusError, ConnectionState, Envelope, Publication, TransportError,
@@ -652,6 +653,7 @@ async fn a_closed_instance_hands_its_partitions_over_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliveries_lost_in_transit_do_not_let_later_events_overtake_them() {
     const EVENTS: i64 = 10;
+    let log = captured_log();
     let mut nats = Nats::new();
     nats.config.stream.partitions = 1;
     nats.config.consumer.ack_wait = Duration::from_secs(2);
@@ -729,5 +731,11 @@ async fn deliveries_lost_in_transit_do_not_let_later_events_overtake_them() {
         "the thief took version {}; handled in the order {order:?}",
         taken.event_version
     );
+    let gaps = log
+        .snapshot()
+        .iter()
+        .filter(|l| l.starts_with("WARN") && l.contains("lost on the way"))
+        .count();
+    assert_eq!(gaps, 1, "the stolen deliveries were seen as one gap");
     second.close().await.expect("close");
 }
