@@ -168,15 +168,31 @@ impl NatsSubscription {
         membership.set_pulling(self.pulling.iter().map(|p| p.partition));
     }
 
-    /// Whether `m`, just taken from `self.pulling[idx]`, follows the last delivery of its
-    /// partition. On a jump it is dropped unacked, with the rest of the partition's pull
-    /// stream, and the partition is held back for a restart at its ack floor.
-    fn admit(&mut self, idx: usize, m: &jetstream::Message) -> bool {
+    /// `m`, just taken from `self.pulling[idx]`, as a delivery if it follows the last
+    /// delivery of its partition. Its reply subject is parsed once, for both.
+    fn accept(&mut self, idx: usize, m: jetstream::Message) -> Option<NatsDelivery> {
+        let partition = self.pulling[idx].partition;
+        let info = m
+            .info()
+            .ok()
+            .map(|i| (i.consumer_sequence, i.stream_sequence, i.delivered));
+        if let Some((consumer_sequence, ..)) = info {
+            if !self.admit(idx, consumer_sequence) {
+                return None;
+            }
+        }
+        Some(self.delivery(
+            partition,
+            m,
+            info.map(|(_, stream, delivered)| (stream, delivered)),
+        ))
+    }
+
+    /// Whether consumer sequence `seq` of `self.pulling[idx]` follows the last delivery of its
+    /// partition. On a jump the message is dropped unacked, with the rest of the partition's
+    /// pull stream, and the partition is held back for a restart at its ack floor.
+    fn admit(&mut self, idx: usize, seq: u64) -> bool {
         let (partition, epoch) = (self.pulling[idx].partition, self.pulling[idx].epoch);
-        let Ok(info) = m.info() else {
-            return true;
-        };
-        let seq = info.consumer_sequence;
         let Some((_, next)) = self.expected.get_mut(&partition) else {
             return true;
         };
@@ -198,16 +214,23 @@ impl NatsSubscription {
         false
     }
 
-    fn delivery(&self, partition: u16, mut m: jetstream::Message) -> NatsDelivery {
-        let (position, delivered) = match m.info() {
-            Ok(info) => (
+    /// `m` as a delivery; `info` is its stream sequence and delivery count, if its reply
+    /// subject had them.
+    fn delivery(
+        &self,
+        partition: u16,
+        mut m: jetstream::Message,
+        info: Option<(u64, i64)>,
+    ) -> NatsDelivery {
+        let (position, delivered) = match info {
+            Some((stream_sequence, delivered)) => (
                 Some(BrokerPosition {
                     partition: Some(u32::from(partition)),
-                    offset: info.stream_sequence,
+                    offset: stream_sequence,
                 }),
-                u32::try_from(info.delivered.max(1)).unwrap_or(u32::MAX),
+                u32::try_from(delivered.max(1)).unwrap_or(u32::MAX),
             ),
-            Err(_) => (None, 1),
+            None => (None, 1),
         };
         let message = Message::new(
             self.topic.clone(),
@@ -297,10 +320,7 @@ impl Subscription for NatsSubscription {
             match next {
                 Next::Message(idx, m) => {
                     self.turn = idx + 1;
-                    let partition = self.pulling[idx].partition;
-                    if self.admit(idx, &m) {
-                        batch.push(self.delivery(partition, m));
-                    }
+                    batch.extend(self.accept(idx, m));
                 }
                 Next::Failed(idx, e) => {
                     use async_nats::jetstream::consumer::pull::MessagesErrorKind;
@@ -333,10 +353,7 @@ impl Subscription for NatsSubscription {
             match self.pulling[idx].messages.next().now_or_never() {
                 Some(Some(Ok(m))) => {
                     idle = 0;
-                    let partition = self.pulling[idx].partition;
-                    if self.admit(idx, &m) {
-                        batch.push(self.delivery(partition, m));
-                    }
+                    batch.extend(self.accept(idx, m));
                 }
                 Some(Some(Err(e))) => {
                     tracing::debug!(error = %e, "pull stream error after a batch");

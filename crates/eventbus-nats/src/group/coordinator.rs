@@ -266,21 +266,11 @@ impl Coordinator {
         let due = self.settled(|l| l.restarting);
         let mut any = false;
         for p in due {
-            let ready = tokio::time::timeout(self.spec.heartbeat, self.ready_consumer(p));
-            match ready
-                .await
-                .unwrap_or_else(|_| Err(TransportError::Timeout("readying the consumer".into())))
-            {
-                Ok(consumer) => {
-                    self.epoch += 1;
-                    let epoch = self.epoch;
+            match self.ready_owned(p).await {
+                Ok(owned) => {
                     if let Some(lease) = self.held.get_mut(&p) {
                         lease.restarting = false;
-                        lease.owned = Owned {
-                            partition: p,
-                            epoch,
-                            consumer,
-                        };
+                        lease.owned = owned;
                         self.load.set_draining(p, false);
                         any = true;
                     }
@@ -371,13 +361,8 @@ impl Coordinator {
             // Taken or not, unknown: if it was, it lapses unrenewed.
             Err(_) => return,
         };
-        let ready = tokio::time::timeout(self.spec.heartbeat, self.ready_consumer(partition));
-        match ready
-            .await
-            .unwrap_or_else(|_| Err(TransportError::Timeout("readying the consumer".into())))
-        {
-            Ok(consumer) => {
-                self.epoch += 1;
+        match self.ready_owned(partition).await {
+            Ok(owned) => {
                 self.load.set_draining(partition, false);
                 tracing::debug!(group = %self.spec.group, partition, "partition taken");
                 self.held.insert(
@@ -387,11 +372,7 @@ impl Coordinator {
                         valid_until: sent + self.spec.lease_ttl - self.spec.heartbeat,
                         revoking: false,
                         restarting: false,
-                        owned: Owned {
-                            partition,
-                            epoch: self.epoch,
-                            consumer,
-                        },
+                        owned,
                     },
                 );
             }
@@ -400,6 +381,20 @@ impl Coordinator {
                 self.release(partition, revision).await;
             }
         }
+    }
+
+    /// The partition's consumer readied (within a heartbeat) under a new epoch.
+    async fn ready_owned(&mut self, partition: u16) -> Result<Owned, TransportError> {
+        let ready = tokio::time::timeout(self.spec.heartbeat, self.ready_consumer(partition));
+        let consumer = ready
+            .await
+            .unwrap_or_else(|_| Err(TransportError::Timeout("readying the consumer".into())))?;
+        self.epoch += 1;
+        Ok(Owned {
+            partition,
+            epoch: self.epoch,
+            consumer,
+        })
     }
 
     /// The partition's consumer, ready for its new owner. When the previous owner left
