@@ -34,6 +34,7 @@ pub mod memory;
 mod message;
 mod metrics;
 pub mod middleware;
+pub mod ownership;
 pub mod partitioner;
 mod publish;
 mod secret;

@@ -14,8 +14,11 @@
 use std::future::Future;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use crate::error::TransportError;
 use crate::message::{BrokerPosition, Message, OutgoingMessage};
+use crate::ownership::Ownership;
 
 /// What the broker said about a stored message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,6 +200,14 @@ pub trait Subscription: Send + 'static {
         None
     }
 
+    /// The partitions this consumer owns, by epoch, for a backend whose groups hand
+    /// partitions to one member at a time: the bus drops a lost partition's queued jobs when
+    /// the transport calls [`Ownership::lose`], and checks [`Delivery::is_owned`] before it
+    /// starts each job and each retry. `None` (the default): every delivery stays owned.
+    fn ownership(&self) -> Option<Arc<Ownership>> {
+        None
+    }
+
     /// Leaves the group (commits what is complete). Called after every delivery it fetched
     /// was acked, nak'ed or terminated, or the drain deadline passed.
     fn close(self) -> impl Future<Output = Result<(), TransportError>> + Send;
@@ -219,6 +230,14 @@ pub trait Delivery: Send + Sync + 'static {
 
     /// Still working on it: extend the broker's ack deadline.
     fn in_progress(&self) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// Whether this member still owns the delivery's partition under the epoch it was
+    /// fetched in (see [`crate::ownership`]). The dispatcher starts no job and no retry of a
+    /// delivery that is not: it drops it unsettled, and the partition's next owner delivers
+    /// it. Default: always owned.
+    fn is_owned(&self) -> bool {
+        true
+    }
 }
 
 /// Longest topic name: Kafka's limit, also safe for NATS subjects.

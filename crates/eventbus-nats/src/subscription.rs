@@ -17,6 +17,7 @@ use async_nats::jetstream::consumer::{pull, AckPolicy};
 use async_nats::jetstream::message::AckKind;
 use async_nats::jetstream::{self};
 use async_nats::Subject;
+use eventbus_core::ownership::{Ownership, OwnershipToken};
 use eventbus_core::{
     BrokerPosition, Delivery, ErrorDetail, Message, Subscription, SubscriptionSpec, TransportError,
 };
@@ -29,6 +30,8 @@ use crate::transport::{headers_from, NatsTransport};
 struct Pulling {
     partition: u16,
     epoch: u64,
+    /// Stamped on each delivery: its lease's epoch and deadline.
+    token: OwnershipToken,
     messages: pull::Stream,
 }
 
@@ -41,6 +44,8 @@ pub struct NatsSubscription {
     topic: Arc<str>,
     pull_expires: Duration,
     membership: Option<Membership>,
+    /// The partitions whose leases this instance holds, as the dispatcher checks them.
+    ownership: Arc<Ownership>,
     pulling: Vec<Pulling>,
     /// Per owned partition: the epoch it is pulled under and the consumer sequence the next
     /// delivery must carry. At most one entry per partition of the topic.
@@ -86,6 +91,7 @@ impl NatsSubscription {
             .instance_id
             .clone()
             .unwrap_or_else(eventbus_core::new_event_id);
+        let ownership = Ownership::new();
         let membership = group::join(
             GroupSpec {
                 topic: spec.topic.clone(),
@@ -98,6 +104,7 @@ impl NatsSubscription {
             },
             bucket,
             stream,
+            ownership.clone(),
         )
         .await;
         Ok(Self {
@@ -105,6 +112,7 @@ impl NatsSubscription {
             topic: Arc::from(spec.topic.as_str()),
             pull_expires: config.pull_expires,
             membership: Some(membership),
+            ownership,
             pulling: Vec::new(),
             expected: BTreeMap::new(),
             restarting: Vec::new(),
@@ -157,6 +165,7 @@ impl NatsSubscription {
                 Ok(messages) => self.pulling.push(Pulling {
                     partition: o.partition,
                     epoch: o.epoch,
+                    token: o.token.clone(),
                     messages,
                 }),
                 Err(e) => {
@@ -171,7 +180,7 @@ impl NatsSubscription {
     /// `m`, just taken from `self.pulling[idx]`, as a delivery if it follows the last
     /// delivery of its partition. Its reply subject is parsed once, for both.
     fn accept(&mut self, idx: usize, m: jetstream::Message) -> Option<NatsDelivery> {
-        let partition = self.pulling[idx].partition;
+        let (partition, token) = (self.pulling[idx].partition, self.pulling[idx].token.clone());
         let info = m
             .info()
             .ok()
@@ -183,6 +192,7 @@ impl NatsSubscription {
         }
         Some(self.delivery(
             partition,
+            token,
             m,
             info.map(|(_, stream, delivered)| (stream, delivered)),
         ))
@@ -219,6 +229,7 @@ impl NatsSubscription {
     fn delivery(
         &self,
         partition: u16,
+        token: OwnershipToken,
         mut m: jetstream::Message,
         info: Option<(u64, i64)>,
     ) -> NatsDelivery {
@@ -248,6 +259,7 @@ impl NatsSubscription {
             reply: m.message.reply.take(),
             client: self.client.clone(),
             message,
+            owner: token,
             _load: self
                 .membership
                 .as_ref()
@@ -379,6 +391,10 @@ impl Subscription for NatsSubscription {
         }
     }
 
+    fn ownership(&self) -> Option<Arc<Ownership>> {
+        Some(self.ownership.clone())
+    }
+
     fn assigned(&self) -> Option<Vec<u32>> {
         Some(
             self.pulling
@@ -403,6 +419,8 @@ pub struct NatsDelivery {
     reply: Option<Subject>,
     client: Arc<async_nats::Client>,
     message: Message,
+    /// The lease of its partition under which it was pulled.
+    owner: OwnershipToken,
     /// Counts this delivery as out for its partition until it is settled or dropped.
     _load: Option<LoadGuard>,
 }
@@ -446,5 +464,9 @@ impl Delivery for NatsDelivery {
 
     async fn in_progress(&self) -> Result<(), TransportError> {
         self.send(AckKind::Progress).await
+    }
+
+    fn is_owned(&self) -> bool {
+        self.owner.is_current()
     }
 }

@@ -10,7 +10,7 @@ use common::{nats_url, Nats, OwnServer};
 use eventbus_core::testkit::{
     captured_log, connection_lost_and_back, every_event_handled, hang_guard, join_group,
     kit_config, kit_timeout, ordering_violations, peak_tasks_during_flow, unique, Backend,
-    GroupLedger, Outage, Recorder,
+    GroupLedger, Outage, Recorder, TcpProxy,
 };
 use eventbus_core::{
     headers, Bus, BusConfig, BusError, ConnectionState, Envelope, Publication, TransportError,
@@ -738,4 +738,108 @@ async fn deliveries_lost_in_transit_do_not_let_later_events_overtake_them() {
         .count();
     assert_eq!(gaps, 1, "the stolen deliveries were seen as one gap");
     second.close().await.expect("close");
+}
+
+/// An instance cut off from the server past its lease starts nothing more of the partitions
+/// it held: another instance takes them over from their ack floor, and the two must never
+/// handle one aggregate at the same time. Instance 1 reaches nats-server through a proxy;
+/// with a backlog queued in its dispatcher the proxy is cut (longer than the lease), and
+/// instance 2 joins. On main before the ownership check, instance 1 went on handling its
+/// queued events after its leases lapsed while instance 2 handled the same aggregates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_cut_off_past_its_lease_starts_nothing_the_new_owner_handles() {
+    const AGGREGATES: usize = 5;
+    const VERSIONS: i64 = 400;
+    let group_settings = GroupSettings {
+        lease_ttl: Duration::from_secs(3),
+        heartbeat: Duration::from_millis(500),
+        instance_id: None,
+    };
+    let upstream: std::net::SocketAddr = nats_url()
+        .trim_start_matches("nats://")
+        .parse()
+        .expect("EVENTBUS_NATS_URL as nats://host:port");
+    let proxy = TcpProxy::start(upstream).await;
+    let mut cut_off = NatsConfig::new(format!("nats://{}", proxy.addr()));
+    cut_off.group = group_settings.clone();
+    let mut direct = NatsConfig::new(nats_url());
+    direct.group = group_settings;
+    let topic = unique("nats-lease-cut");
+    let group = unique("svc");
+    let ledger = Arc::new(GroupLedger::default());
+    let handler = |instance: u8| {
+        let l = ledger.clone();
+        move |e: Envelope| {
+            let l = l.clone();
+            async move {
+                l.enter(instance, &e);
+                // Work that takes time, so a second handling of the aggregate meanwhile is seen.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                l.leave(instance, &e);
+                Ok::<(), eventbus_core::HandlerError>(())
+            }
+        }
+    };
+    let first = Bus::new(
+        NatsTransport::connect(cut_off).await.expect("connect"),
+        kit_config(),
+    )
+    .expect("bus");
+    first
+        .subscribe_envelope(&topic, &group, handler(1))
+        .await
+        .expect("subscribe");
+    let publisher = Bus::new(
+        NatsTransport::connect(direct.clone())
+            .await
+            .expect("connect"),
+        kit_config(),
+    )
+    .expect("bus");
+    let mut ids = Vec::new();
+    for v in 1..=VERSIONS {
+        for a in 0..AGGREGATES {
+            let e = Envelope::new(format!("agg-{a}"), "t", v, json!({}));
+            ids.push(e.event_id.clone());
+            publisher
+                .publish_envelope(&topic, &e)
+                .await
+                .expect("publish");
+        }
+    }
+    publisher.flush().await.expect("flush");
+    ledger
+        .wait_until("the first instance under way", |c| c.handled >= 100)
+        .await;
+    proxy.cut();
+    let second = Bus::new(
+        NatsTransport::connect(direct).await.expect("connect"),
+        kit_config(),
+    )
+    .expect("bus");
+    second
+        .subscribe_envelope(&topic, &group, handler(2))
+        .await
+        .expect("subscribe");
+    ledger
+        .wait_until("the second instance taking over", |c| {
+            c.per_instance.iter().any(|(i, n)| *i == 2 && *n > 0)
+        })
+        .await;
+    proxy.restore();
+    ledger
+        .wait_until("every event", |c| c.handled >= ids.len())
+        .await;
+    let counts = ledger.counts();
+    println!("lease lost mid-backlog: {counts:?}");
+    assert_eq!(
+        counts.overlaps, 0,
+        "both instances handled one aggregate at once: {counts:?}"
+    );
+    assert_eq!(counts.order_violations, 0, "{counts:?}");
+    let dropped = first.metrics().not_owned_dropped;
+    println!("dropped unstarted by the cut-off instance: {dropped}");
+    for bus in [first, second, publisher] {
+        bus.close().await.expect("close");
+    }
 }

@@ -44,6 +44,7 @@ pub(crate) async fn run_fetcher<T: Transport>(subscription: T::Subscription, p: 
         metrics,
         drain_timeout,
     } = p;
+    watch_ownership(&subscription, &dispatcher, &route);
     let mut current = Some(subscription);
     let mut watch = StallWatch::new(options.stall_timeout);
     // The fetch is never cancelled half-way (a broker may already have handed messages
@@ -66,7 +67,7 @@ pub(crate) async fn run_fetcher<T: Transport>(subscription: T::Subscription, p: 
                             route.set_stalled(true);
                             tracing::warn!(topic = %route.topic, group = %route.group, after = ?options.stall_timeout, "nothing received while messages wait in the partitions this consumer holds: stalled; replacing the consumer");
                             if let Some(old) = current.take() {
-                                current = renew(&*transport, &route, old, &stop).await;
+                                current = renew(&*transport, &dispatcher, &route, old, &stop).await;
                             }
                             continue;
                         }
@@ -119,6 +120,23 @@ pub(crate) async fn run_fetcher<T: Transport>(subscription: T::Subscription, p: 
         }
     }
     let _ = done.send(true);
+}
+
+/// Has the dispatcher drop `route`'s queued jobs of a partition the subscription loses, as
+/// it loses it (the transport calls the hook; jobs are checked again before they start).
+fn watch_ownership<T: Transport>(
+    subscription: &T::Subscription,
+    dispatcher: &Arc<Dispatcher<T>>,
+    route: &Arc<Route>,
+) {
+    if let Some(ownership) = subscription.ownership() {
+        let (dispatcher, route) = (Arc::downgrade(dispatcher), Arc::downgrade(route));
+        ownership.on_lost(move || {
+            if let (Some(d), Some(r)) = (dispatcher.upgrade(), route.upgrade()) {
+                d.drop_not_owned(&r);
+            }
+        });
+    }
 }
 
 /// Waits `FETCH_RETRY_BACKOFF`, less if the subscription is stopped or fails meanwhile.
@@ -190,7 +208,8 @@ async fn stalled<T: Transport>(transport: &T, route: &Route, assigned: Option<Ve
 /// until it exists or the subscription stops (`None`: stopped, or the transport closed).
 async fn renew<T: Transport>(
     transport: &T,
-    route: &Route,
+    dispatcher: &Arc<Dispatcher<T>>,
+    route: &Arc<Route>,
     mut old: T::Subscription,
     stop: &watch::Receiver<bool>,
 ) -> Option<T::Subscription> {
@@ -207,7 +226,10 @@ async fn renew<T: Transport>(
             group: route.group.clone(),
         };
         match transport.subscribe(spec).await {
-            Ok(fresh) => return Some(fresh),
+            Ok(fresh) => {
+                watch_ownership(&fresh, dispatcher, route);
+                return Some(fresh);
+            }
             Err(TransportError::Closed) => return None,
             Err(e) => {
                 tracing::warn!(topic = %route.topic, group = %route.group, error = %e, "replacing the stalled consumer failed; retrying");

@@ -110,6 +110,16 @@ impl Route {
         self.stalled.load(Ordering::Acquire)
     }
 
+    /// `n` deliveries were dropped unstarted: their partition is no longer owned.
+    pub(crate) fn not_owned(&self, n: usize, metrics: &Metrics) {
+        self.export.not_owned_dropped.increment(n as u64);
+        metrics
+            .not_owned_dropped
+            .fetch_add(n as u64, Ordering::Relaxed);
+        tracing::debug!(topic = %self.topic, group = %self.group, n,
+            "partition no longer owned: messages dropped unstarted for its next owner");
+    }
+
     fn started(&self) {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
     }
@@ -195,6 +205,7 @@ pub(crate) struct Dispatcher<T: Transport> {
     global: async_channel::Sender<Job<DeliveryOf<T>>>,
     workers: Mutex<Vec<JoinHandle<()>>>,
     worker_count: usize,
+    metrics: Arc<Metrics>,
 }
 
 impl<T: Transport> Dispatcher<T> {
@@ -216,7 +227,7 @@ impl<T: Transport> Dispatcher<T> {
             dedup: (config.dedup_window > 0).then(|| {
                 SharedDedup::new(config.dedup_window.saturating_mul(workers), workers.max(1))
             }),
-            metrics,
+            metrics: metrics.clone(),
             dead_letter_timeout,
         });
         let mut handles = Vec::with_capacity(workers);
@@ -253,11 +264,17 @@ impl<T: Transport> Dispatcher<T> {
             global,
             workers: Mutex::new(handles),
             worker_count,
+            metrics,
         }
     }
 
-    /// Queues one delivery; waits while the buffer is full.
+    /// Queues one delivery; waits while the buffer is full. A delivery whose partition this
+    /// member no longer owns is dropped unsettled (its next owner delivers it).
     pub(crate) async fn dispatch(&self, delivery: DeliveryOf<T>, route: &Arc<Route>) {
+        if !delivery.is_owned() {
+            route.not_owned(1, &self.metrics);
+            return;
+        }
         route.started();
         let lane = routing_key(delivery.message(), route.envelopes)
             .map(|k| self.keyed.key_of(route.id, &k));
@@ -285,6 +302,23 @@ impl<T: Transport> Dispatcher<T> {
             if let Err(e) = job.delivery.nak(Duration::ZERO).await {
                 tracing::debug!(topic = %route.topic, error = %e, "handing a message back failed; the broker redelivers it");
             }
+            job.route.finished();
+        }
+    }
+
+    /// Drops, unsettled, `route`'s buffered jobs whose partition is no longer owned: they
+    /// must never start here, and the partition's next owner delivers them. Called when the
+    /// transport loses a partition; jobs of the global pool are checked as workers take them.
+    pub(crate) fn drop_not_owned(&self, route: &Arc<Route>) {
+        let jobs = self
+            .keyed
+            .remove_where(|j| Arc::ptr_eq(&j.route, route) && !j.delivery.is_owned());
+        if jobs.is_empty() {
+            return;
+        }
+        route.not_owned(jobs.len(), &self.metrics);
+        for job in jobs {
+            drop(job.delivery);
             job.route.finished();
         }
     }

@@ -189,7 +189,9 @@ impl<J> KeyedScheduler<J> {
 
     fn take(st: &mut State<J>) -> Option<(LaneKey, J)> {
         while let Some(key) = st.ready.pop_front() {
-            let Some(lane) = st.lanes.get_mut(&key) else {
+            // A key may be stale (its lane was emptied by `drain_idle` or `remove_where` and
+            // made again): a lane that is gone or already taken is skipped.
+            let Some(lane) = st.lanes.get_mut(&key).filter(|l| !l.busy) else {
                 continue;
             };
             if let Some(job) = lane.jobs.pop_front() {
@@ -248,6 +250,44 @@ impl<J> KeyedScheduler<J> {
         out
     }
 
+    /// Removes and returns every buffered job (not yet taken by a worker) matching `pred`,
+    /// whatever its lane: for jobs that must never start (their partition was lost), so
+    /// order behind a running job does not matter.
+    pub(crate) fn remove_where(&self, pred: impl Fn(&J) -> bool) -> Vec<J> {
+        let mut st = self.lock();
+        let state = &mut *st;
+        let mut out = Vec::new();
+        let mut emptied = Vec::new();
+        for (key, lane) in state.lanes.iter_mut() {
+            if !lane.jobs.iter().any(&pred) {
+                continue;
+            }
+            let mut kept = VecDeque::with_capacity(lane.jobs.len());
+            for job in lane.jobs.drain(..) {
+                if pred(&job) {
+                    out.push(job);
+                } else {
+                    kept.push_back(job);
+                }
+            }
+            lane.jobs = kept;
+            if lane.jobs.is_empty() && !lane.busy {
+                emptied.push(*key);
+            }
+        }
+        for key in emptied {
+            if let Some(lane) = state.lanes.remove(&key) {
+                if state.spare.len() < MAX_SPARE_LANES {
+                    state.spare.push(lane.jobs);
+                }
+            }
+        }
+        state.queued -= out.len();
+        drop(st);
+        self.room.add_permits(out.len());
+        out
+    }
+
     /// Accepts nothing more; workers take what is buffered, then [`Self::next`] returns
     /// `None`. Pushes waiting for room get their job back.
     pub(crate) fn close(&self) {
@@ -271,6 +311,7 @@ impl<J> KeyedScheduler<J> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::FutureExt;
     use std::sync::Arc;
 
     #[tokio::test]
@@ -346,6 +387,34 @@ mod tests {
         assert_eq!(s.drain_idle(|_| true), vec!["b1", "b2"]);
         assert_eq!(s.queued(), 1);
         assert_eq!(s.finish_and_take(a), Some((a, "a2")));
+    }
+
+    #[tokio::test]
+    async fn removed_jobs_leave_no_lane_to_run_twice() {
+        let s = KeyedScheduler::new(16);
+        let (a, b) = (s.key_of(1, b"a"), s.key_of(1, b"b"));
+        s.push(a, 1).await.expect("push");
+        s.push(a, 2).await.expect("push");
+        s.push(b, 10).await.expect("push");
+        s.push(b, 11).await.expect("push");
+        let (k, j) = s.next().await.expect("job");
+        assert_eq!((k, j), (a, 1));
+        // Lost: 2 (behind the running 1) and all of b, even though b's key is still ready.
+        assert_eq!(s.remove_where(|j| *j != 1), vec![2, 10, 11]);
+        assert_eq!(s.queued(), 0);
+        // b comes again: its stale ready entry must not hand out a job twice or out of order.
+        s.push(b, 12).await.expect("push");
+        s.push(b, 13).await.expect("push");
+        let (k, j) = s.next().await.expect("job");
+        assert_eq!((k, j), (b, 12));
+        assert!(
+            s.next().now_or_never().is_none(),
+            "b is busy and a has nothing queued: nothing else is ready"
+        );
+        assert_eq!(s.finish_and_take(b), Some((b, 13)));
+        assert_eq!(s.finish_and_take(b), None);
+        assert_eq!(s.finish_and_take(a), None);
+        assert_eq!(s.lanes(), 0);
     }
 
     #[test]

@@ -32,6 +32,8 @@ enum Outcome {
     GaveUp { error: HandlerError, attempts: u32 },
     /// The subscription is stopping: hand the message back.
     Stopped,
+    /// The message's partition is no longer owned: leave it to the next owner, unsettled.
+    NotOwned,
 }
 
 /// Shared by every worker of a bus.
@@ -53,7 +55,11 @@ impl<T: Transport> WorkerContext<T> {
     /// with panic catching, dead letter.
     pub(crate) async fn process(&self, job: Job<DeliveryOf<T>>) {
         let Job { delivery, route } = job;
-        if route.is_running() {
+        if !delivery.is_owned() {
+            // Its partition was lost: another member may be on this aggregate now. Never
+            // started, never settled here; the partition's next owner delivers it.
+            route.not_owned(1, &self.metrics);
+        } else if route.is_running() {
             self.handle(delivery, &route).await;
         } else {
             // Not started: back to the broker at once, so another member takes it now.
@@ -116,6 +122,7 @@ impl<T: Transport> WorkerContext<T> {
             Outcome::GaveUp { error, attempts } => {
                 self.dead_letter(delivery, route, &error, attempts).await
             }
+            Outcome::NotOwned => route.not_owned(1, &self.metrics),
             // Stopping: no more waiting; the broker redelivers it, in order.
             Outcome::Stopped => self.settle("nak", delivery.nak(Duration::ZERO).await),
         }
@@ -183,11 +190,18 @@ impl<T: Transport> WorkerContext<T> {
             if !route.is_running() {
                 return Outcome::Stopped;
             }
+            if !delivery.is_owned() {
+                return Outcome::NotOwned;
+            }
             Metrics::inc(&self.metrics.retries);
             route.export.retries.increment(1);
             tracing::debug!(topic = %route.topic, attempts, error = %error, "handler failed; retrying in place");
             self.wait_keeping_alive(delivery, self.retry.backoff(attempts))
                 .await;
+            // Lost during the backoff: the next owner may be handling it already.
+            if !delivery.is_owned() {
+                return Outcome::NotOwned;
+            }
         }
     }
 
@@ -232,6 +246,11 @@ impl<T: Transport> WorkerContext<T> {
         err: &HandlerError,
         attempts: u32,
     ) {
+        // A partition lost meanwhile: its next owner decides about this message (dead-letter
+        // it here and that owner might handle it too, or have handled it already).
+        if !delivery.is_owned() {
+            return route.not_owned(1, &self.metrics);
+        }
         let out = dead_letter_message(delivery.message(), route, err, attempts);
         let mut tries = 0;
         let stored = loop {

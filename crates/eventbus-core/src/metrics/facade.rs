@@ -54,6 +54,8 @@ pub mod names {
     pub const DEDUPLICATED: &str = "eventbus_deduplicated_total";
     /// Counter: malformed envelopes and undecodable payloads.
     pub const MALFORMED: &str = "eventbus_malformed_total";
+    /// Counter: messages dropped unstarted because their partition was no longer owned.
+    pub const NOT_OWNED_DROPPED: &str = "eventbus_not_owned_dropped_total";
     /// Histogram (seconds): one handler attempt.
     pub const HANDLER_SECONDS: &str = "eventbus_handler_seconds";
     /// Histogram (seconds): from the event's `X-Timestamp` to the start of its handling
@@ -109,6 +111,7 @@ pub(crate) struct RouteExport {
     pub(crate) dead_letter_failures: Counter,
     pub(crate) deduplicated: Counter,
     pub(crate) malformed: Counter,
+    pub(crate) not_owned_dropped: Counter,
     pub(crate) handler_seconds: Histogram,
     pub(crate) end_to_end_seconds: Histogram,
 }
@@ -129,6 +132,7 @@ impl RouteExport {
             dead_letter_failures: ::metrics::counter!(names::DEAD_LETTER_FAILURES, &labels),
             deduplicated: ::metrics::counter!(names::DEDUPLICATED, &labels),
             malformed: ::metrics::counter!(names::MALFORMED, &labels),
+            not_owned_dropped: ::metrics::counter!(names::NOT_OWNED_DROPPED, &labels),
             handler_seconds: ::metrics::histogram!(names::HANDLER_SECONDS, &labels),
             end_to_end_seconds: ::metrics::histogram!(names::END_TO_END_SECONDS, &labels),
         }

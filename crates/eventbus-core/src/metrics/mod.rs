@@ -72,6 +72,9 @@ counters! {
     deduplicated,
     /// Malformed envelopes and undecodable payloads.
     malformed,
+    /// Messages dropped unstarted because this member no longer owned their partition (a lost
+    /// assignment or lease, a revoke): the partition's next owner delivers them.
+    not_owned_dropped,
     /// Acks, naks or terms the broker did not take.
     settle_failures,
     /// Failed fetches (the fetcher backs off and tries again).

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use super::assignment::owned_partitions;
 use super::{Membership, Owned, PartitionLoad, Restarts};
 use crate::naming::{consumer_name, lease_key, member_key, member_prefix, partition_subject};
+use eventbus_core::ownership::Ownership;
 use eventbus_core::TransportError;
 
 /// What a subscription's coordinator works with.
@@ -68,11 +69,19 @@ struct Coordinator {
     held: BTreeMap<u16, Lease>,
     members: Vec<String>,
     epoch: u64,
+    /// What the dispatcher checks before it starts a job: claimed with each lease's
+    /// deadline, extended on renewal, lost with the lease.
+    ownership: Arc<Ownership>,
 }
 
 /// Joins `spec.group` on `stream` with the bucket `kv`: announces this instance and takes the
 /// partitions that are free and its own, then leaves the rest to the coordinator task.
-pub(crate) async fn join(spec: GroupSpec, bucket: GroupBucket, stream: Stream) -> Membership {
+pub(crate) async fn join(
+    spec: GroupSpec,
+    bucket: GroupBucket,
+    stream: Stream,
+    ownership: Arc<Ownership>,
+) -> Membership {
     let load = Arc::new(PartitionLoad::new(spec.partitions));
     let pulling = Arc::new(Mutex::new(BTreeSet::new()));
     let restarts = Arc::new(Restarts::default());
@@ -92,6 +101,7 @@ pub(crate) async fn join(spec: GroupSpec, bucket: GroupBucket, stream: Stream) -
         held: BTreeMap::new(),
         members: Vec::new(),
         epoch: 0,
+        ownership,
     };
     coordinator.tick().await;
     let task = tokio::spawn(coordinator.run(stopped));
@@ -225,6 +235,8 @@ impl Coordinator {
                 Ok(Ok(revision)) => {
                     lease.revision = revision;
                     lease.valid_until = sent + self.spec.lease_ttl - self.spec.heartbeat;
+                    self.ownership
+                        .extend(&lease.owned.token, lease.valid_until.into_std());
                     false
                 }
                 Ok(Err(e)) if e.kind() == UpdateErrorKind::WrongLastRevision => true,
@@ -242,6 +254,8 @@ impl Coordinator {
                     "partition lease lost (lapsed or taken over): no longer pulling it");
                 self.held.remove(&p);
                 self.load.set_draining(p, false);
+                // Its queued jobs never start here: the new owner may be on them already.
+                self.ownership.lose(u32::from(p));
             }
         }
     }
@@ -266,7 +280,10 @@ impl Coordinator {
         let due = self.settled(|l| l.restarting);
         let mut any = false;
         for p in due {
-            match self.ready_owned(p).await {
+            let Some(valid_until) = self.held.get(&p).map(|l| l.valid_until) else {
+                continue;
+            };
+            match self.ready_owned(p, valid_until).await {
                 Ok(owned) => {
                     if let Some(lease) = self.held.get_mut(&p) {
                         lease.restarting = false;
@@ -325,6 +342,7 @@ impl Coordinator {
         for p in done {
             if let Some(lease) = self.held.remove(&p) {
                 self.load.set_draining(p, false);
+                self.ownership.lose(u32::from(p));
                 self.release(p, lease.revision).await;
             }
         }
@@ -361,7 +379,8 @@ impl Coordinator {
             // Taken or not, unknown: if it was, it lapses unrenewed.
             Err(_) => return,
         };
-        match self.ready_owned(partition).await {
+        let valid_until = sent + self.spec.lease_ttl - self.spec.heartbeat;
+        match self.ready_owned(partition, valid_until).await {
             Ok(owned) => {
                 self.load.set_draining(partition, false);
                 tracing::debug!(group = %self.spec.group, partition, "partition taken");
@@ -369,7 +388,7 @@ impl Coordinator {
                     partition,
                     Lease {
                         revision,
-                        valid_until: sent + self.spec.lease_ttl - self.spec.heartbeat,
+                        valid_until,
                         revoking: false,
                         restarting: false,
                         owned,
@@ -383,17 +402,26 @@ impl Coordinator {
         }
     }
 
-    /// The partition's consumer readied (within a heartbeat) under a new epoch.
-    async fn ready_owned(&mut self, partition: u16) -> Result<Owned, TransportError> {
+    /// The partition's consumer readied (within a heartbeat) under a new epoch, owned until
+    /// `valid_until` unless the lease is renewed.
+    async fn ready_owned(
+        &mut self,
+        partition: u16,
+        valid_until: Instant,
+    ) -> Result<Owned, TransportError> {
         let ready = tokio::time::timeout(self.spec.heartbeat, self.ready_consumer(partition));
         let consumer = ready
             .await
             .unwrap_or_else(|_| Err(TransportError::Timeout("readying the consumer".into())))?;
         self.epoch += 1;
+        let token = self
+            .ownership
+            .claim(u32::from(partition), Some(valid_until.into_std()));
         Ok(Owned {
             partition,
             epoch: self.epoch,
             consumer,
+            token,
         })
     }
 
@@ -456,6 +484,9 @@ impl Coordinator {
     async fn leave(&mut self) {
         self.assignment.send_replace(Arc::new(Vec::new()));
         let held = std::mem::take(&mut self.held);
+        for p in held.keys() {
+            self.ownership.lose(u32::from(*p));
+        }
         futures_util::future::join_all(held.iter().map(|(p, l)| self.release(*p, l.revision)))
             .await;
         // Purged, not deleted: a delete marker would keep this instance on the member list

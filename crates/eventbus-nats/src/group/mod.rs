@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
+use eventbus_core::ownership::OwnershipToken;
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
@@ -99,6 +100,9 @@ pub(crate) struct Owned {
     pub(crate) partition: u16,
     pub(crate) epoch: u64,
     pub(crate) consumer: PullConsumer,
+    /// Stamped on every delivery of this epoch: the dispatcher starts none of them once the
+    /// lease is lost or past its deadline.
+    pub(crate) token: OwnershipToken,
 }
 
 /// Restart requests from the fetcher to the coordinator: at most one per partition.
