@@ -10,12 +10,13 @@
 //! owner handled.
 //!
 //! A transport records ownership here and stamps every delivery with the
-//! [`OwnershipToken`] of its partition's current epoch ([`crate::Delivery::is_owned`]):
+//! [`OwnershipToken`] of its partition's current epoch ([`crate::Delivery::owner`]):
 //! - [`Ownership::claim`] starts a new epoch when the partition is taken (optionally with a
 //!   deadline: a lease that lapses unless renewed, [`Ownership::extend`]);
 //! - [`Ownership::lose`] ends the epoch at once and tells the dispatcher, which drops the
 //!   partition's jobs not yet started, unsettled (the next owner gets them from the
-//!   partition's ack floor or committed offset).
+//!   partition's ack floor or committed offset); [`Ownership::running`] then counts the
+//!   jobs already under way, the only ones a revoke has to wait for.
 //!
 //! A token is current while its epoch is the partition's and its deadline (if any) has not
 //! passed, so a member whose lease lapses stops starting work at the deadline even when the
@@ -24,7 +25,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -43,15 +44,40 @@ struct Slot {
     /// (`NO_DEADLINE`: none).
     deadline: AtomicU64,
     origin: Instant,
+    /// Jobs of this partition started and not yet settled.
+    running: AtomicUsize,
 }
 
 impl Slot {
     fn current(&self, epoch: u64) -> bool {
-        if self.epoch.load(Ordering::Acquire) != epoch {
+        // Even epochs are "not owned": a token taken then is never current.
+        if epoch % 2 == 0 || self.epoch.load(Ordering::SeqCst) != epoch {
             return false;
         }
         let deadline = self.deadline.load(Ordering::Acquire);
         deadline == NO_DEADLINE || nanos_since(self.origin, Instant::now()) < deadline
+    }
+}
+
+/// A job of a partition is running (see [`OwnershipToken::begin`]); dropped when it was
+/// settled.
+#[derive(Debug)]
+pub struct Running {
+    slot: Arc<Slot>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.slot.running.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl fmt::Debug for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Slot")
+            .field("epoch", &self.epoch.load(Ordering::Relaxed))
+            .field("running", &self.running.load(Ordering::Relaxed))
+            .finish()
     }
 }
 
@@ -111,6 +137,21 @@ impl OwnershipToken {
         self.slot.current(self.epoch)
     }
 
+    /// A job of this delivery starts: counted as running (see [`Ownership::running`]) until
+    /// the returned guard is dropped, or `None` when the partition is no longer owned under
+    /// this epoch (the job must not start).
+    ///
+    /// Counted first, checked second, while [`Ownership::lose`] changes the epoch first and
+    /// counts second: a job is either refused or counted by a loser that waits for running
+    /// jobs, never neither.
+    pub fn begin(&self) -> Option<Running> {
+        self.slot.running.fetch_add(1, Ordering::SeqCst);
+        let running = Running {
+            slot: self.slot.clone(),
+        };
+        self.is_current().then_some(running)
+    }
+
     /// The epoch this token was issued under.
     pub fn epoch(&self) -> u64 {
         self.epoch
@@ -136,6 +177,7 @@ impl Ownership {
                     epoch: AtomicU64::new(0),
                     deadline: AtomicU64::new(NO_DEADLINE),
                     origin: self.origin,
+                    running: AtomicUsize::new(0),
                 })
             })
             .clone()
@@ -178,7 +220,7 @@ impl Ownership {
         if let Some(slot) = slot {
             let _ = slot
                 .epoch
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |e| {
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |e| {
                     (e % 2 == 1).then_some(e + 1)
                 });
         }
@@ -192,12 +234,22 @@ impl Ownership {
         }
     }
 
-    /// The token of `partition`'s current epoch, if it is owned now.
-    pub fn token(&self, partition: u32) -> Option<OwnershipToken> {
-        let slot = self.lock().get(&partition).cloned()?;
-        let epoch = slot.epoch.load(Ordering::Acquire);
-        let token = OwnershipToken { epoch, slot };
-        (epoch % 2 == 1 && token.is_current()).then_some(token)
+    /// The token of `partition`'s current epoch, for a delivery fetched now: stale from the
+    /// start when the partition is not owned (a message the client fetched before it learnt
+    /// of a revoke).
+    pub fn token(&self, partition: u32) -> OwnershipToken {
+        let slot = self.slot(partition);
+        let epoch = slot.epoch.load(Ordering::SeqCst);
+        OwnershipToken { epoch, slot }
+    }
+
+    /// Jobs of `partition` started and not yet settled, whatever their epoch: after
+    /// [`Self::lose`], what a transport waits for before it gives the partition up (queued
+    /// jobs never start, so they are not waited for).
+    pub fn running(&self, partition: u32) -> usize {
+        self.lock()
+            .get(&partition)
+            .map_or(0, |slot| slot.running.load(Ordering::SeqCst))
     }
 
     /// Runs `hook` each time a partition is lost (the bus drops the partition's queued jobs
@@ -219,11 +271,12 @@ mod tests {
         let a = o.claim(3, None);
         let other = o.claim(4, None);
         assert!(a.is_current());
-        assert!(o.token(3).is_some_and(|t| t.epoch() == a.epoch()));
+        assert_eq!(o.token(3).epoch(), a.epoch());
         o.lose(3);
         assert!(!a.is_current(), "a job of a lost partition must not start");
         assert!(other.is_current(), "another partition is not affected");
-        assert!(o.token(3).is_none());
+        assert!(!o.token(3).is_current(), "fetched after the loss: stale");
+        assert!(!o.token(9).is_current(), "never owned: stale");
         // Taken again: a new epoch; the old token stays stale.
         let again = o.claim(3, None);
         assert!(again.is_current() && !a.is_current());
@@ -247,6 +300,19 @@ mod tests {
         let newer = o.claim(0, Some(now + Duration::from_secs(60)));
         o.extend(&t, now - Duration::from_millis(1));
         assert!(newer.is_current());
+    }
+
+    #[test]
+    fn running_jobs_are_counted_and_a_stale_one_never_begins() {
+        let o = Ownership::new();
+        let t = o.claim(2, None);
+        let job = t.begin().expect("owned: the job starts");
+        assert_eq!(o.running(2), 1);
+        o.lose(2);
+        assert!(t.begin().is_none(), "lost: no job starts");
+        assert_eq!(o.running(2), 1, "the refused one is not counted");
+        drop(job);
+        assert_eq!(o.running(2), 0);
     }
 
     #[test]

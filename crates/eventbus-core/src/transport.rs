@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use crate::error::TransportError;
 use crate::message::{BrokerPosition, Message, OutgoingMessage};
-use crate::ownership::Ownership;
+use crate::ownership::{Ownership, OwnershipToken};
 
 /// What the broker said about a stored message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,7 +202,7 @@ pub trait Subscription: Send + 'static {
 
     /// The partitions this consumer owns, by epoch, for a backend whose groups hand
     /// partitions to one member at a time: the bus drops a lost partition's queued jobs when
-    /// the transport calls [`Ownership::lose`], and checks [`Delivery::is_owned`] before it
+    /// the transport calls [`Ownership::lose`], and checks [`Delivery::owner`] before it
     /// starts each job and each retry. `None` (the default): every delivery stays owned.
     fn ownership(&self) -> Option<Arc<Ownership>> {
         None
@@ -231,12 +231,12 @@ pub trait Delivery: Send + Sync + 'static {
     /// Still working on it: extend the broker's ack deadline.
     fn in_progress(&self) -> impl Future<Output = Result<(), TransportError>> + Send;
 
-    /// Whether this member still owns the delivery's partition under the epoch it was
-    /// fetched in (see [`crate::ownership`]). The dispatcher starts no job and no retry of a
-    /// delivery that is not: it drops it unsettled, and the partition's next owner delivers
-    /// it. Default: always owned.
-    fn is_owned(&self) -> bool {
-        true
+    /// The ownership of the delivery's partition under the epoch it was fetched in (see
+    /// [`crate::ownership`]). The dispatcher starts no job and no retry of a delivery whose
+    /// token is stale: it drops it unsettled, and the partition's next owner delivers it.
+    /// `None` (the default): always owned.
+    fn owner(&self) -> Option<&OwnershipToken> {
+        None
     }
 }
 

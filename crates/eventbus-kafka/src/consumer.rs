@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use eventbus_core::ownership::{Ownership, OwnershipToken};
 use eventbus_core::{
     BrokerPosition, Delivery, Headers, Message, Subscription, SubscriptionSpec, TransportError,
 };
@@ -41,6 +42,9 @@ struct Shared {
     tracker: Mutex<OffsetTracker>,
     parked: Mutex<Vec<Parked>>,
     drain_timeout: Duration,
+    /// The partitions assigned now, by epoch: the dispatcher starts no job of one revoked
+    /// or lost, and a revoke waits only for the jobs running.
+    ownership: Arc<Ownership>,
 }
 
 impl Shared {
@@ -82,12 +86,15 @@ impl Shared {
         out
     }
 
-    /// Gives `partitions` up: waits (through `drain`, given a count of messages still being
-    /// handled) for their fetched messages to settle, then returns their commit points and
-    /// stops tracking them.
+    /// Gives `partitions` up: no job of theirs starts from now on (those queued are dropped
+    /// and the next owner delivers them); unless the assignment was `lost`, waits (through
+    /// `drain`, given a count of jobs still running) for the running ones to be settled and
+    /// returns the commit points. A lost assignment is already another member's: nothing is
+    /// waited for or committed (the broker would refuse the commit of a fenced generation).
     fn revoke(
         &self,
         partitions: &[i32],
+        lost: bool,
         drain: impl FnOnce(&dyn Fn() -> usize),
     ) -> Vec<(i32, i64)> {
         // From here on, messages of these partitions are no longer parked here: parked and
@@ -100,15 +107,29 @@ impl Shared {
             }
             lock(&self.parked).retain(|p| !partitions.contains(&p.partition));
         }
-        drain(&|| {
-            let t = lock(&self.tracker);
-            partitions.iter().map(|p| t.busy(*p)).sum()
-        });
+        // Outside the tracker's lock: the dispatcher drops the queued jobs here, and each
+        // dropped delivery settles through the tracker.
+        for p in partitions {
+            if let Ok(p) = u32::try_from(*p) {
+                self.ownership.lose(p);
+            }
+        }
+        if !lost {
+            drain(&|| {
+                partitions
+                    .iter()
+                    .filter_map(|p| u32::try_from(*p).ok())
+                    .map(|p| self.ownership.running(p))
+                    .sum()
+            });
+        }
         let mut t = lock(&self.tracker);
         let mut points = Vec::new();
         for p in partitions {
-            if let Some(point) = t.commit_point(*p) {
-                points.push((*p, point));
+            if !lost {
+                if let Some(point) = t.commit_point(*p) {
+                    points.push((*p, point));
+                }
             }
             t.revoke(*p);
         }
@@ -155,16 +176,23 @@ impl ConsumerContext for GroupContext {
             .iter()
             .map(|e| e.partition())
             .collect();
+        // Lost (session timed out, fenced, poll interval exceeded): the broker already gave
+        // the partitions to another member, which restarts at the last commit.
+        let lost = consumer.assignment_lost();
+        if lost {
+            tracing::warn!(topic = %self.topic, ?partitions,
+                "assignment lost (the group moved on without this member): its queued work is dropped, nothing is committed");
+        }
         let deadline = Instant::now() + self.shared.drain_timeout;
         let topic = &self.topic;
-        let points = self.shared.revoke(&partitions, |busy| {
+        let points = self.shared.revoke(&partitions, lost, |running| {
             blocking(|| loop {
-                let n = busy();
+                let n = running();
                 if n == 0 {
                     break;
                 }
                 if Instant::now() >= deadline {
-                    tracing::warn!(topic = %topic, busy = n, "revoked partitions not drained in time; their messages will be redelivered to the next owner");
+                    tracing::warn!(topic = %topic, running = n, "handlers of revoked partitions still running at the drain deadline; their messages will be redelivered to the next owner");
                     break;
                 }
                 std::thread::sleep(DRAIN_POLL);
@@ -187,6 +215,9 @@ impl ConsumerContext for GroupContext {
             let mut t = lock(&self.shared.tracker);
             for e in list.elements_for_topic(&self.topic) {
                 t.assign(e.partition());
+                if let Ok(p) = u32::try_from(e.partition()) {
+                    self.shared.ownership.claim(p, None);
+                }
             }
             tracing::debug!(topic = %self.topic, partitions = list.count(), "partitions assigned");
         }
@@ -236,6 +267,7 @@ impl KafkaSubscription {
             tracker: Mutex::new(OffsetTracker::new()),
             parked: Mutex::new(Vec::new()),
             drain_timeout: c.drain_timeout,
+            ownership: Ownership::new(),
         });
         let topic: Arc<str> = Arc::from(spec.topic.as_str());
         let consumer: StreamConsumer<GroupContext> = cc
@@ -257,7 +289,14 @@ impl KafkaSubscription {
         })
     }
 
-    fn delivery(&self, m: &BorrowedMessage<'_>) -> KafkaDelivery {
+    /// `m` as a delivery, or `None` when its partition is no longer assigned (fetched before
+    /// a revoke was served): the partition's next owner delivers it.
+    fn delivery(&self, m: &BorrowedMessage<'_>) -> Option<KafkaDelivery> {
+        let (partition, offset) = (m.partition(), m.offset());
+        let owner = self.shared.ownership.token(u32::try_from(partition).ok()?);
+        if !owner.is_current() {
+            return None;
+        }
         let mut headers = Headers::new();
         if let Some(h) = m.headers() {
             for header in h.iter() {
@@ -268,9 +307,8 @@ impl KafkaSubscription {
                 headers.insert(header.key, value);
             }
         }
-        let (partition, offset) = (m.partition(), m.offset());
         lock(&self.shared.tracker).fetched(partition, offset);
-        KafkaDelivery {
+        Some(KafkaDelivery {
             message: Message::new(
                 self.topic.clone(),
                 Bytes::copy_from_slice(m.payload().unwrap_or_default()),
@@ -286,7 +324,8 @@ impl KafkaSubscription {
             offset,
             shared: self.shared.clone(),
             settled: false,
-        }
+            owner,
+        })
     }
 
     /// Parked messages whose redelivery time has come.
@@ -309,6 +348,10 @@ impl KafkaSubscription {
                     offset: p.offset,
                     shared: self.shared.clone(),
                     settled: false,
+                    owner: self
+                        .shared
+                        .ownership
+                        .token(u32::try_from(p.partition).unwrap_or(u32::MAX)),
                 }
             })
             .collect()
@@ -364,7 +407,7 @@ impl Subscription for KafkaSubscription {
             Ok(Err(e)) => return Err(kafka_error("consume", &e)),
             Ok(Ok(m)) => self.delivery(&m),
         };
-        batch.push(first);
+        batch.extend(first);
         while batch.len() < max {
             let next = match self.consumer.recv().now_or_never() {
                 Some(Ok(m)) => self.delivery(&m),
@@ -374,9 +417,13 @@ impl Subscription for KafkaSubscription {
                 }
                 None => break,
             };
-            batch.push(next);
+            batch.extend(next);
         }
         Ok(batch)
+    }
+
+    fn ownership(&self) -> Option<Arc<Ownership>> {
+        Some(self.shared.ownership.clone())
     }
 
     fn assigned(&self) -> Option<Vec<u32>> {
@@ -410,6 +457,8 @@ pub struct KafkaDelivery {
     offset: i64,
     shared: Arc<Shared>,
     settled: bool,
+    /// The assignment of its partition it was fetched under.
+    owner: OwnershipToken,
 }
 
 impl KafkaDelivery {
@@ -421,7 +470,10 @@ impl KafkaDelivery {
 
 impl Drop for KafkaDelivery {
     fn drop(&mut self) {
-        if !self.settled {
+        // Of an assignment that ended: the partition's next owner (or this member's next
+        // assignment, from the committed offset) delivers it; parking it here would deliver
+        // it twice.
+        if !self.settled && self.owner.is_current() {
             self.shared.park(
                 self.message.clone(),
                 self.partition,
@@ -444,8 +496,10 @@ impl Delivery for KafkaDelivery {
 
     async fn nak(mut self, delay: Duration) -> Result<(), TransportError> {
         self.settled = true;
-        self.shared
-            .park(self.message.clone(), self.partition, self.offset, delay);
+        if self.owner.is_current() {
+            self.shared
+                .park(self.message.clone(), self.partition, self.offset, delay);
+        }
         Ok(())
     }
 
@@ -458,6 +512,10 @@ impl Delivery for KafkaDelivery {
         // Kafka has no per-message deadline; liveness is the consumer's poll loop.
         Ok(())
     }
+
+    fn owner(&self) -> Option<&OwnershipToken> {
+        Some(&self.owner)
+    }
 }
 
 #[cfg(test)]
@@ -469,6 +527,7 @@ mod tests {
             tracker: Mutex::new(OffsetTracker::new()),
             parked: Mutex::new(Vec::new()),
             drain_timeout: Duration::from_secs(1),
+            ownership: Ownership::new(),
         }
     }
 
@@ -486,25 +545,35 @@ mod tests {
         )
     }
 
-    /// A nak (or a dropped delivery) while the revoke drains must not park the message for a
-    /// local redelivery: the partition now belongs to another member, which starts at the
-    /// uncommitted offset and delivers it itself.
+    fn assign(s: &Shared, partitions: &[i32]) {
+        let mut t = lock(&s.tracker);
+        for p in partitions {
+            t.assign(*p);
+            s.ownership.claim(*p as u32, None);
+        }
+    }
+
+    /// A revoke waits for the running handler only: the queued message of the partition never
+    /// starts (its token is stale) and is left to the next owner, and a nak during the drain
+    /// does not park it for a local redelivery.
     #[test]
-    fn messages_settled_unhandled_during_a_revoke_are_left_to_the_next_owner() {
+    fn a_revoke_waits_for_running_jobs_only_and_leaves_the_rest_to_the_next_owner() {
         let s = shared();
+        assign(&s, &[0, 1]);
         {
             let mut t = lock(&s.tracker);
-            t.assign(0);
-            t.assign(1);
             t.fetched(0, 5);
             t.fetched(0, 6);
             t.fetched(1, 9);
         }
-        let points = s.revoke(&[0], |busy| {
-            assert_eq!(busy(), 2, "both messages of partition 0 are being handled");
+        let running = s.ownership.token(0).begin().expect("owned");
+        let queued = s.ownership.token(0);
+        let points = s.revoke(&[0], false, |running_now| {
+            assert_eq!(running_now(), 1, "offset 5 is being handled, 6 only queued");
+            assert!(queued.begin().is_none(), "the queued one must not start");
             s.park(message(5), 0, 5, Duration::ZERO); // nak during the drain
-            s.park(message(6), 0, 6, Duration::ZERO); // dropped during the drain
-            assert_eq!(busy(), 0);
+            drop(running);
+            assert_eq!(running_now(), 0);
         });
         assert_eq!(points, vec![(0, 5)], "the next owner starts at offset 5");
         assert!(
@@ -518,17 +587,27 @@ mod tests {
         assert_eq!(due.iter().map(|p| p.offset).collect::<Vec<_>>(), vec![9]);
     }
 
+    /// A lost assignment is another member's already: nothing is waited for or committed.
+    #[test]
+    fn a_lost_assignment_waits_for_nothing_and_commits_nothing() {
+        let s = shared();
+        assign(&s, &[3]);
+        lock(&s.tracker).fetched(3, 7);
+        let token = s.ownership.token(3);
+        let _running = token.begin().expect("owned");
+        let points = s.revoke(&[3], true, |_| panic!("a lost assignment waits for nothing"));
+        assert!(points.is_empty(), "{points:?}");
+        assert!(!token.is_current());
+    }
+
     /// A message parked before a revoke and due after it is not handed out either.
     #[test]
     fn parked_messages_of_revoked_partitions_are_purged() {
         let s = shared();
-        {
-            let mut t = lock(&s.tracker);
-            t.assign(2);
-            t.fetched(2, 1);
-        }
+        assign(&s, &[2]);
+        lock(&s.tracker).fetched(2, 1);
         s.park(message(1), 2, 1, Duration::from_secs(30));
-        let points = s.revoke(&[2], |busy| assert_eq!(busy(), 0));
+        let points = s.revoke(&[2], false, |running| assert_eq!(running(), 0));
         assert_eq!(points, vec![(2, 1)]);
         assert!(s
             .take_due(Instant::now() + Duration::from_secs(60), 10)

@@ -466,7 +466,7 @@ impl Delivery for NatsDelivery {
         self.send(AckKind::Progress).await
     }
 
-    fn is_owned(&self) -> bool {
-        self.owner.is_current()
+    fn owner(&self) -> Option<&OwnershipToken> {
+        Some(&self.owner)
     }
 }

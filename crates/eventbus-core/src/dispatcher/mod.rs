@@ -199,6 +199,13 @@ pub(crate) fn routing_key(msg: &Message, envelopes: bool) -> Option<Cow<'_, [u8]
     msg.key().filter(|k| !k.is_empty()).map(Cow::Borrowed)
 }
 
+/// Whether `delivery`'s partition is still owned under the epoch it was fetched in.
+pub(crate) fn owned(delivery: &impl Delivery) -> bool {
+    delivery
+        .owner()
+        .map_or(true, crate::ownership::OwnershipToken::is_current)
+}
+
 /// The keyed and global worker pools of one bus.
 pub(crate) struct Dispatcher<T: Transport> {
     keyed: Arc<KeyedScheduler<Job<DeliveryOf<T>>>>,
@@ -271,7 +278,7 @@ impl<T: Transport> Dispatcher<T> {
     /// Queues one delivery; waits while the buffer is full. A delivery whose partition this
     /// member no longer owns is dropped unsettled (its next owner delivers it).
     pub(crate) async fn dispatch(&self, delivery: DeliveryOf<T>, route: &Arc<Route>) {
-        if !delivery.is_owned() {
+        if !owned(&delivery) {
             route.not_owned(1, &self.metrics);
             return;
         }
@@ -312,7 +319,7 @@ impl<T: Transport> Dispatcher<T> {
     pub(crate) fn drop_not_owned(&self, route: &Arc<Route>) {
         let jobs = self
             .keyed
-            .remove_where(|j| Arc::ptr_eq(&j.route, route) && !j.delivery.is_owned());
+            .remove_where(|j| Arc::ptr_eq(&j.route, route) && !owned(&j.delivery));
         if jobs.is_empty() {
             return;
         }

@@ -9,7 +9,7 @@ use futures_util::FutureExt;
 use tracing::Instrument;
 
 use super::dedup::{DedupKey, SharedDedup};
-use super::{DeliveryOf, Job, Route};
+use super::{owned, DeliveryOf, Job, Route};
 use crate::codec;
 use crate::config::RetryPolicy;
 use crate::envelope::new_event_id;
@@ -17,6 +17,7 @@ use crate::error::{FailureKind, HandlerError, TransportError};
 use crate::headers;
 use crate::message::{Message, OutgoingMessage};
 use crate::metrics::Metrics;
+use crate::ownership::OwnershipToken;
 use crate::publish::Publisher;
 use crate::trace::{self, TraceContext};
 use crate::transport::{Delivery, Transport};
@@ -55,9 +56,12 @@ impl<T: Transport> WorkerContext<T> {
     /// with panic catching, dead letter.
     pub(crate) async fn process(&self, job: Job<DeliveryOf<T>>) {
         let Job { delivery, route } = job;
-        if !delivery.is_owned() {
+        // Counted as running while it is handled and settled, so a revoke waits for it.
+        let running = delivery.owner().map(OwnershipToken::begin);
+        if matches!(running, Some(None)) {
             // Its partition was lost: another member may be on this aggregate now. Never
             // started, never settled here; the partition's next owner delivers it.
+            drop(delivery);
             route.not_owned(1, &self.metrics);
         } else if route.is_running() {
             self.handle(delivery, &route).await;
@@ -65,6 +69,7 @@ impl<T: Transport> WorkerContext<T> {
             // Not started: back to the broker at once, so another member takes it now.
             self.settle("nak", delivery.nak(Duration::ZERO).await);
         }
+        drop(running);
         route.finished();
     }
 
@@ -190,7 +195,7 @@ impl<T: Transport> WorkerContext<T> {
             if !route.is_running() {
                 return Outcome::Stopped;
             }
-            if !delivery.is_owned() {
+            if !owned(delivery) {
                 return Outcome::NotOwned;
             }
             Metrics::inc(&self.metrics.retries);
@@ -199,7 +204,7 @@ impl<T: Transport> WorkerContext<T> {
             self.wait_keeping_alive(delivery, self.retry.backoff(attempts))
                 .await;
             // Lost during the backoff: the next owner may be handling it already.
-            if !delivery.is_owned() {
+            if !owned(delivery) {
                 return Outcome::NotOwned;
             }
         }
@@ -248,7 +253,7 @@ impl<T: Transport> WorkerContext<T> {
     ) {
         // A partition lost meanwhile: its next owner decides about this message (dead-letter
         // it here and that owner might handle it too, or have handled it already).
-        if !delivery.is_owned() {
+        if !owned(&delivery) {
             return route.not_owned(1, &self.metrics);
         }
         let out = dead_letter_message(delivery.message(), route, err, attempts);
