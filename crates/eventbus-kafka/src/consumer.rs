@@ -595,7 +595,9 @@ mod tests {
         lock(&s.tracker).fetched(3, 7);
         let token = s.ownership.token(3);
         let _running = token.begin().expect("owned");
-        let points = s.revoke(&[3], true, |_| panic!("a lost assignment waits for nothing"));
+        let points = s.revoke(&[3], true, |_| {
+            panic!("a lost assignment waits for nothing")
+        });
         assert!(points.is_empty(), "{points:?}");
         assert!(!token.is_current());
     }
