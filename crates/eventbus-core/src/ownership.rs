@@ -87,6 +87,22 @@ fn nanos_since(origin: Instant, at: Instant) -> u64 {
 
 /// The partitions one subscription owns, by epoch. Shared by the transport (which claims and
 /// loses partitions) and its deliveries' tokens. See the module docs.
+///
+/// ```
+/// use eventbus_core::ownership::Ownership;
+/// let ownership = Ownership::new();
+/// // A transport takes partition 3 and stamps what it fetches with the current token.
+/// ownership.claim(3, None);
+/// let token = ownership.token(3);
+/// let job = token.begin().expect("owned: the job may start");
+/// // The partition is lost (revoked, lease lapsed): nothing more of it starts.
+/// ownership.lose(3);
+/// assert!(token.begin().is_none());
+/// // A revoke waits only for what is already running.
+/// assert_eq!(ownership.running(3), 1);
+/// drop(job);
+/// assert_eq!(ownership.running(3), 0);
+/// ```
 pub struct Ownership {
     slots: Mutex<HashMap<u32, Arc<Slot>>>,
     origin: Instant,
