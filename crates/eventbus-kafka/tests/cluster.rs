@@ -11,8 +11,11 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use eventbus_core::testkit::{
-    captured_log, every_event_handled, kit_config, ordering_violations, unique, Recorder,
+    captured_log, every_event_handled, kit_config, ordering_violations, unique, GroupLedger,
+    Recorder,
 };
 use eventbus_core::{Bus, Envelope};
 use eventbus_kafka::{KafkaConfig, KafkaTransport};
@@ -340,4 +343,98 @@ async fn hang_guard_sum(mut sample: impl FnMut() -> i64, want: i64) -> i64 {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A member whose partitions are revoked while its dispatcher holds a backlog of them starts
+/// none of it after the revoke: the next owner restarts at the committed offset and would
+/// handle the same aggregates at the same time. Member 1 handles 2,000 envelopes over 8
+/// aggregates (20 ms each, so most of them wait in its dispatcher); member 2 joins after 100,
+/// and the group rebalances with a 1 s drain. Before the ownership check, the revoke waited
+/// out its drain on the queued work, and member 1 then went on with it while member 2 handled
+/// the same aggregates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_member_starts_none_of_its_backlog_after_the_revoke() {
+    const TOTAL: usize = 4_000;
+    const AGGREGATES: usize = 8;
+    let local = tokio::task::LocalSet::new();
+    local
+        .run_until(async {
+            let cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext> =
+                MockCluster::new(1).expect("mock cluster");
+            let topic = unique("krevoke");
+            let group = unique("svc");
+            cluster.create_topic(&topic, 2, 1).expect("create topic");
+            let config = || {
+                let mut c = KafkaConfig::new(cluster.bootstrap_servers());
+                c.topic.partitions = 2;
+                c.consumer.session_timeout = Duration::from_secs(6);
+                c.consumer.commit_interval = Duration::from_millis(100);
+                c.consumer.drain_timeout = Duration::from_secs(1);
+                // A join is seen within half a second.
+                c.consumer
+                    .extra
+                    .push(("heartbeat.interval.ms".into(), "500".into()));
+                c
+            };
+            let ledger = Arc::new(GroupLedger::default());
+            let handler = |instance: u8| {
+                let l = ledger.clone();
+                move |e: Envelope| {
+                    let l = l.clone();
+                    async move {
+                        l.enter(instance, &e);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        l.leave(instance, &e);
+                        Ok::<(), eventbus_core::HandlerError>(())
+                    }
+                }
+            };
+            let first = Bus::new(
+                KafkaTransport::connect(config()).await.expect("connect"),
+                kit_config(),
+            )
+            .expect("bus");
+            first
+                .subscribe_envelope(&topic, &group, handler(1))
+                .await
+                .expect("subscribe");
+            for i in 0..TOTAL {
+                let v = (i / AGGREGATES) as i64 + 1;
+                let e = Envelope::new(format!("agg-{}", i % AGGREGATES), "t", v, json!({}));
+                first.publish_envelope(&topic, &e).await.expect("publish");
+            }
+            first.flush().await.expect("flush");
+            ledger
+                .wait_until("the first member under way", |c| c.handled >= 100)
+                .await;
+            let second = Bus::new(
+                KafkaTransport::connect(config()).await.expect("connect"),
+                kit_config(),
+            )
+            .expect("bus");
+            second
+                .subscribe_envelope(&topic, &group, handler(2))
+                .await
+                .expect("subscribe");
+            ledger
+                .wait_until("every envelope", |c| c.handled >= TOTAL)
+                .await;
+            let counts = ledger.counts();
+            let dropped = first.metrics().not_owned_dropped;
+            eprintln!(
+                "[revoke kafka mock] {TOTAL} envelopes over {AGGREGATES} aggregates, a member joining: {counts:?}; dropped unstarted by the revoked member: {dropped}"
+            );
+            first.close().await.expect("close");
+            second.close().await.expect("close");
+            assert_eq!(
+                counts.overlaps, 0,
+                "both members handled one aggregate at once: {counts:?}"
+            );
+            assert_eq!(counts.order_violations, 0, "{counts:?}");
+            assert!(
+                counts.per_instance.iter().any(|(i, n)| *i == 2 && *n > 0),
+                "the second member never got a partition: {counts:?}"
+            );
+        })
+        .await;
 }
