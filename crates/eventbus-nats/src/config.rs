@@ -199,6 +199,12 @@ pub struct NatsConfig {
     /// each JetStream API request the transport makes (stream and consumer provisioning).
     #[serde(deserialize_with = "eventbus_core::duration::deserialize")]
     pub publish_ack_timeout: Duration,
+    /// How long creating (or finding) a topic's stream and its groups' bucket may take in
+    /// all (default 30 s): a request that times out, or finds JetStream unavailable, is sent
+    /// again with backoff until then (each request bounded by `publish_ack_timeout`), so a
+    /// busy cluster replicating a create does not fail a subscribe or a first publish.
+    #[serde(deserialize_with = "eventbus_core::duration::deserialize")]
+    pub provision_timeout: Duration,
     /// Republishes (same `Nats-Msg-Id`, so never stored twice) after a lost ACK, before the
     /// publish is reported failed (default 5).
     pub publish_retries: u32,
@@ -222,11 +228,15 @@ impl std::fmt::Debug for NatsConfig {
             .field("group", &self.group)
             .field("max_ack_inflight", &self.max_ack_inflight)
             .field("publish_ack_timeout", &self.publish_ack_timeout)
+            .field("provision_timeout", &self.provision_timeout)
             .field("publish_retries", &self.publish_retries)
             .field("pull_expires", &self.pull_expires)
             .finish()
     }
 }
+
+/// Default of [`NatsConfig::provision_timeout`].
+pub const DEFAULT_PROVISION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The server a default configuration points at.
 pub const DEFAULT_URL: &str = "nats://127.0.0.1:4222";
@@ -252,6 +262,7 @@ impl NatsConfig {
             group: GroupSettings::default(),
             max_ack_inflight: 10_000,
             publish_ack_timeout: Duration::from_secs(5),
+            provision_timeout: DEFAULT_PROVISION_TIMEOUT,
             publish_retries: 5,
             pull_expires: Duration::from_secs(5),
         }

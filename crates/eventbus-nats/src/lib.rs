@@ -30,6 +30,7 @@ mod group;
 mod lag;
 mod line;
 mod naming;
+mod provision;
 mod subscription;
 mod transport;
 mod url;

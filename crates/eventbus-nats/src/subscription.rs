@@ -14,6 +14,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy};
+use async_nats::jetstream::context::{GetStreamError, GetStreamErrorKind};
 use async_nats::jetstream::message::AckKind;
 use async_nats::jetstream::{self};
 use async_nats::Subject;
@@ -24,6 +25,7 @@ use eventbus_core::{
 use futures_util::{FutureExt, StreamExt};
 
 use crate::group::{self, GroupSpec, LoadGuard, Membership};
+use crate::provision::until_deadline;
 use crate::transport::{headers_from, NatsTransport};
 
 /// The pull stream of one owned partition.
@@ -66,11 +68,15 @@ impl NatsSubscription {
         partitions: u16,
     ) -> Result<Self, TransportError> {
         let stream_name = transport.stream_name(&spec.topic);
-        let stream = transport
-            .jetstream()?
-            .get_stream(&stream_name)
-            .await
-            .map_err(|e| {
+        let js = transport.jetstream()?;
+        let stream = until_deadline(
+            &stream_name,
+            transport.config.provision_timeout,
+            |e: &GetStreamError| e.kind() == GetStreamErrorKind::Request,
+            || js.get_stream(&stream_name),
+        )
+        .await
+        .map_err(|e| {
                 TransportError::Provisioning(format!("stream {stream_name}: {e}").into())
             })?;
         let bucket = transport.group_bucket(&spec.topic).await?;

@@ -8,6 +8,10 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_nats::connection::State;
+use async_nats::jetstream::context::{
+    CreateKeyValueError, CreateKeyValueErrorKind, CreateStreamError, CreateStreamErrorKind,
+    GetStreamError, GetStreamErrorKind,
+};
 use async_nats::jetstream::{self, kv, stream};
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use eventbus_core::partitioner::partition_for;
@@ -23,6 +27,7 @@ use crate::line::{lines, Lines, Ticket};
 use crate::naming::{
     group_bucket, partition_subject, stream_name, stream_subjects, PARTITIONS_METADATA,
 };
+use crate::provision::until_deadline;
 use crate::subscription::NatsSubscription;
 use crate::url::{redact_url, split_credentials};
 
@@ -225,11 +230,20 @@ impl NatsTransport {
             metadata: HashMap::from([(PARTITIONS_METADATA.to_string(), s.partitions.to_string())]),
             ..Default::default()
         };
-        let stream = self
-            .jetstream()?
-            .get_or_create_stream(wanted.clone())
-            .await
-            .map_err(|e| {
+        let js = self.jetstream()?;
+        let stream = until_deadline(
+            &name,
+            self.config.provision_timeout,
+            |e: &CreateStreamError| {
+                matches!(
+                    e.kind(),
+                    CreateStreamErrorKind::TimedOut | CreateStreamErrorKind::JetStreamUnavailable
+                )
+            },
+            || js.get_or_create_stream(wanted.clone()),
+        )
+        .await
+        .map_err(|e| {
                 TransportError::Provisioning(
                     format!("stream {name} for topic {topic:?}: {e}").into(),
                 )
@@ -295,24 +309,39 @@ impl NatsTransport {
         let bucket = group_bucket(&self.stream_name(topic));
         let failed =
             |e: String| TransportError::Provisioning(format!("group bucket {bucket}: {e}").into());
-        let store = match js.get_key_value(&bucket).await {
-            Ok(store) => store,
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: bucket.clone(),
-                    history: 1,
-                    max_age: self.config.group.lease_ttl,
-                    storage: stream::StorageType::File,
-                    num_replicas: self.config.stream.replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| failed(e.to_string()))?,
+        let get_or_create = || async {
+            match js.get_key_value(&bucket).await {
+                Ok(store) => Ok(store),
+                Err(_) => {
+                    js.create_key_value(kv::Config {
+                        bucket: bucket.clone(),
+                        history: 1,
+                        max_age: self.config.group.lease_ttl,
+                        storage: stream::StorageType::File,
+                        num_replicas: self.config.stream.replicas,
+                        ..Default::default()
+                    })
+                    .await
+                }
+            }
         };
-        let stream = js
-            .get_stream(format!("KV_{bucket}"))
-            .await
-            .map_err(|e| failed(e.to_string()))?;
+        let deadline = self.config.provision_timeout;
+        let store = until_deadline(
+            &bucket,
+            deadline,
+            |e: &CreateKeyValueError| e.kind() == CreateKeyValueErrorKind::TimedOut,
+            get_or_create,
+        )
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+        let stream = until_deadline(
+            &bucket,
+            deadline,
+            |e: &GetStreamError| e.kind() == GetStreamErrorKind::Request,
+            || js.get_stream(format!("KV_{bucket}")),
+        )
+        .await
+        .map_err(|e| failed(e.to_string()))?;
         let ttl = stream.cached_info().config.max_age;
         if ttl.is_zero() {
             return Err(failed(

@@ -843,3 +843,41 @@ async fn an_instance_cut_off_past_its_lease_starts_nothing_the_new_owner_handles
         bus.close().await.expect("close");
     }
 }
+
+/// Provisioning rides out a server too slow to answer one request in time (a busy cluster
+/// replicating a create): the bus retries the idempotent create-or-get until its provisioning
+/// deadline, instead of failing the subscribe at the first request timeout. The client's
+/// connection goes through a proxy that holds all traffic for 2.5 s, against a 1 s request
+/// timeout. On main before the retries, the subscribe failed with "jetstream request timed
+/// out" after the first second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisioning_rides_out_a_server_slower_than_one_request_timeout() {
+    let upstream: std::net::SocketAddr = nats_url()
+        .trim_start_matches("nats://")
+        .parse()
+        .expect("EVENTBUS_NATS_URL as nats://host:port");
+    let proxy = TcpProxy::start(upstream).await;
+    let mut cfg = NatsConfig::new(format!("nats://{}", proxy.addr()));
+    cfg.publish_ack_timeout = Duration::from_secs(1);
+    let bus = Bus::new(
+        NatsTransport::connect(cfg).await.expect("connect"),
+        kit_config(),
+    )
+    .expect("bus");
+    let topic = unique("nats-slow-provision");
+    let handled: Recorder<Envelope> = Recorder::default();
+    let group = unique("svc");
+    proxy.stall();
+    let subscribing = bus.subscribe_envelope(&topic, &group, handled.envelope_handler());
+    let stall = async {
+        // The fault itself: a server that answers nothing for 2.5 request timeouts.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        proxy.restore();
+    };
+    let (subscribed, ()) = tokio::join!(subscribing, stall);
+    subscribed.expect("subscribe despite a stalled server");
+    let e = Envelope::new("agg", "t", 1, json!({}));
+    bus.publish_envelope(&topic, &e).await.expect("publish");
+    handled.wait_for(1, "the event").await;
+    bus.close().await.expect("close");
+}

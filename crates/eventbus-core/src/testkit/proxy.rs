@@ -1,19 +1,29 @@
-//! A TCP proxy between one client and its broker that a test can cut and restore: the
-//! client's connection drops and new ones are refused, as when a network link or a firewall
-//! separates one instance from the broker while the others still reach it.
+//! A TCP proxy between one client and its broker that a test can cut, stall and restore:
+//! cut, the client's connection drops and new ones are refused, as when a network link or a
+//! firewall separates one instance from the broker while the others still reach it; stalled,
+//! the connection stays open but nothing gets through until it is restored (then what was
+//! held is delivered, in order), as with a broker too busy to answer in time.
 
 use std::net::SocketAddr;
 
-use tokio::io::copy_bidirectional;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+/// What the proxy does with traffic now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    Open,
+    Stalled,
+    Cut,
+}
+
 /// See the module docs. Dropping it ends every connection through it.
 pub struct TcpProxy {
     addr: SocketAddr,
-    /// `true` while cut.
-    cut: watch::Sender<bool>,
+    link: watch::Sender<Link>,
     accept: JoinHandle<()>,
 }
 
@@ -24,18 +34,18 @@ impl TcpProxy {
             .await
             .expect("a port for the proxy");
         let addr = listener.local_addr().expect("the proxy's address");
-        let (cut, cut_rx) = watch::channel(false);
+        let (link, link_rx) = watch::channel(Link::Open);
         let accept = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
-                if *cut_rx.borrow() {
+                if *link_rx.borrow() == Link::Cut {
                     // Cut: the connection is refused (closed at once).
                     drop(inbound);
                     continue;
                 }
-                tokio::spawn(forward(inbound, upstream, cut_rx.clone()));
+                tokio::spawn(forward(inbound, upstream, link_rx.clone()));
             }
         });
-        Self { addr, cut, accept }
+        Self { addr, link, accept }
     }
 
     /// The proxy's address.
@@ -45,12 +55,17 @@ impl TcpProxy {
 
     /// Drops every connection through the proxy and refuses new ones until [`Self::restore`].
     pub fn cut(&self) {
-        self.cut.send_replace(true);
+        self.link.send_replace(Link::Cut);
     }
 
-    /// Accepts and forwards connections again.
+    /// Holds all traffic, both ways, on open connections until [`Self::restore`].
+    pub fn stall(&self) {
+        self.link.send_replace(Link::Stalled);
+    }
+
+    /// Accepts and forwards connections again (delivering what a stall held).
     pub fn restore(&self) {
-        self.cut.send_replace(false);
+        self.link.send_replace(Link::Open);
     }
 }
 
@@ -58,27 +73,47 @@ impl Drop for TcpProxy {
     fn drop(&mut self) {
         self.accept.abort();
         // The connections end with the sender: their `wait_for` fails.
-        self.cut.send_replace(true);
+        self.link.send_replace(Link::Cut);
     }
 }
 
 /// Copies both ways until either side closes or the proxy is cut.
-async fn forward(mut inbound: TcpStream, upstream: SocketAddr, mut cut: watch::Receiver<bool>) {
-    let Ok(mut outbound) = TcpStream::connect(upstream).await else {
+async fn forward(inbound: TcpStream, upstream: SocketAddr, mut link: watch::Receiver<Link>) {
+    let Ok(outbound) = TcpStream::connect(upstream).await else {
         return;
     };
     let _ = inbound.set_nodelay(true);
     let _ = outbound.set_nodelay(true);
+    let (in_read, in_write) = inbound.into_split();
+    let (out_read, out_write) = outbound.into_split();
     tokio::select! {
-        _ = copy_bidirectional(&mut inbound, &mut outbound) => {}
-        _ = cut.wait_for(|c| *c) => {}
+        _ = pipe(in_read, out_write, link.clone()) => {}
+        _ = pipe(out_read, in_write, link.clone()) => {}
+        _ = link.wait_for(|l| *l == Link::Cut) => {}
+    }
+}
+
+/// Copies one way; while stalled, what was read waits (in order) until the link opens again.
+async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mut link: watch::Receiver<Link>) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        match link.wait_for(|l| *l != Link::Stalled).await {
+            Ok(l) if *l == Link::Open => {}
+            _ => return,
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
     async fn forwards_then_cuts_then_forwards_again() {
