@@ -49,29 +49,53 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn retries_what_may_pass_until_the_deadline_and_nothing_else() {
         let calls = Cell::new(0);
-        let ok: Result<u32, String> = until_deadline("x", Duration::from_secs(10), |_| true, || {
-            calls.set(calls.get() + 1);
-            let n = calls.get();
-            async move { if n < 3 { Err("timed out".to_string()) } else { Ok(n) } }
-        })
+        let ok: Result<u32, String> = until_deadline(
+            "x",
+            Duration::from_secs(10),
+            |_| true,
+            || {
+                calls.set(calls.get() + 1);
+                let n = calls.get();
+                async move {
+                    if n < 3 {
+                        Err("timed out".to_string())
+                    } else {
+                        Ok(n)
+                    }
+                }
+            },
+        )
         .await;
         assert_eq!(ok, Ok(3));
         calls.set(0);
-        let permanent: Result<u32, String> =
-            until_deadline("x", Duration::from_secs(10), |e: &String| e != "bad", || {
+        let permanent: Result<u32, String> = until_deadline(
+            "x",
+            Duration::from_secs(10),
+            |e: &String| e != "bad",
+            || {
                 calls.set(calls.get() + 1);
                 async { Err("bad".to_string()) }
-            })
-            .await;
+            },
+        )
+        .await;
         assert_eq!(permanent, Err("bad".into()));
         assert_eq!(calls.get(), 1, "a permanent error is not retried");
         calls.set(0);
-        let late: Result<u32, String> = until_deadline("x", Duration::from_secs(2), |_| true, || {
-            calls.set(calls.get() + 1);
-            async { Err("timed out".to_string()) }
-        })
+        let late: Result<u32, String> = until_deadline(
+            "x",
+            Duration::from_secs(2),
+            |_| true,
+            || {
+                calls.set(calls.get() + 1);
+                async { Err("timed out".to_string()) }
+            },
+        )
         .await;
         assert!(late.is_err());
-        assert!(calls.get() > 1 && calls.get() < 10, "bounded by the deadline: {}", calls.get());
+        assert!(
+            calls.get() > 1 && calls.get() < 10,
+            "bounded by the deadline: {}",
+            calls.get()
+        );
     }
 }

@@ -76,9 +76,7 @@ impl NatsSubscription {
             || js.get_stream(&stream_name),
         )
         .await
-        .map_err(|e| {
-                TransportError::Provisioning(format!("stream {stream_name}: {e}").into())
-            })?;
+        .map_err(|e| TransportError::Provisioning(format!("stream {stream_name}: {e}").into()))?;
         let bucket = transport.group_bucket(&spec.topic).await?;
         let lease_ttl = bucket.lease_ttl;
         let config = &transport.config;

@@ -244,10 +244,8 @@ impl NatsTransport {
         )
         .await
         .map_err(|e| {
-                TransportError::Provisioning(
-                    format!("stream {name} for topic {topic:?}: {e}").into(),
-                )
-            })?;
+            TransportError::Provisioning(format!("stream {name} for topic {topic:?}: {e}").into())
+        })?;
         let have = &stream.cached_info().config;
         if !have.subjects.iter().any(|x| x == &subj) {
             return Err(TransportError::Provisioning(format!(

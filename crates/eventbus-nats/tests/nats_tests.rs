@@ -881,3 +881,87 @@ async fn provisioning_rides_out_a_server_slower_than_one_request_timeout() {
     handled.wait_for(1, "the event").await;
     bus.close().await.expect("close");
 }
+
+/// A lease renewal the server applied but whose reply was lost (a stalled link) does not
+/// cost the partition: the next renewal, refused for its old revision, reads the lease back,
+/// finds it still this subscription's and goes on with it. The instance reaches nats-server
+/// through a proxy that holds all traffic for longer than a renewal's timeout (a heartbeat)
+/// but well within the lease. On main before the read-back, the refused renewal dropped the
+/// lease ("partition lease lost"), and the partition waited for its own lease to lapse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_whose_reply_was_lost_keeps_the_lease() {
+    let log = captured_log();
+    let upstream: std::net::SocketAddr = nats_url()
+        .trim_start_matches("nats://")
+        .parse()
+        .expect("EVENTBUS_NATS_URL as nats://host:port");
+    let proxy = TcpProxy::start(upstream).await;
+    let settings = GroupSettings {
+        lease_ttl: Duration::from_secs(6),
+        heartbeat: Duration::from_millis(500),
+        instance_id: None,
+    };
+    let mut through = NatsConfig::new(format!("nats://{}", proxy.addr()));
+    through.stream.partitions = 1;
+    through.group = settings.clone();
+    let mut direct = NatsConfig::new(nats_url());
+    direct.stream.partitions = 1;
+    direct.group = settings;
+    let topic = unique("nats-lost-renewal");
+    let group = unique("svc");
+    let bus = Bus::new(
+        NatsTransport::connect(through).await.expect("connect"),
+        kit_config(),
+    )
+    .expect("bus");
+    let publisher = Bus::new(
+        NatsTransport::connect(direct).await.expect("connect"),
+        kit_config(),
+    )
+    .expect("bus");
+    let handled: Recorder<Envelope> = Recorder::default();
+    bus.subscribe_envelope(&topic, &group, handled.envelope_handler())
+        .await
+        .expect("subscribe");
+    let e = Envelope::new("agg", "t", 1, json!({}));
+    publisher
+        .publish_envelope(&topic, &e)
+        .await
+        .expect("publish");
+    handled.wait_for(1, "the first event").await;
+    // A renewal goes out while the link is stalled: it reaches the server only after its
+    // timeout, when the link is back, and its reply comes too late to be taken.
+    proxy.stall();
+    log.wait_until("a renewal timing out on the stalled link", |lines| {
+        lines
+            .iter()
+            .any(|l| l.contains(&group) && l.contains("renewing a partition lease timed out"))
+    })
+    .await;
+    proxy.restore();
+    // The next renewal carries the revision before the one applied late: refused. What the
+    // coordinator made of it is logged either way.
+    log.wait_until("the refused renewal's outcome", |lines| {
+        lines.iter().any(|l| {
+            l.contains(&group)
+                && (l.contains("partition lease lost") || l.contains("keeping the lease"))
+        })
+    })
+    .await;
+    for v in 2..=3 {
+        let e = Envelope::new("agg", "t", v, json!({}));
+        publisher
+            .publish_envelope(&topic, &e)
+            .await
+            .expect("publish");
+    }
+    handled.wait_for(3, "the events after the stall").await;
+    let lost: Vec<String> = log
+        .snapshot()
+        .into_iter()
+        .filter(|l| l.contains(&group) && l.contains("partition lease lost"))
+        .collect();
+    assert!(lost.is_empty(), "a lease still ours was dropped: {lost:?}");
+    bus.close().await.expect("close");
+    publisher.close().await.expect("close");
+}

@@ -126,7 +126,11 @@ async fn lease_holders(
             .get(format!("{group}.l.{p}"))
             .await
             .expect("read a lease");
-        holders.push(v.map(|b| String::from_utf8_lossy(&b).to_string()));
+        // The value is "<instance> <nonce of its subscription>".
+        holders.push(v.map(|b| {
+            let value = String::from_utf8_lossy(&b);
+            value.split(' ').next().unwrap_or_default().to_string()
+        }));
     }
     holders
 }

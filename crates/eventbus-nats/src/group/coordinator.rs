@@ -69,6 +69,10 @@ struct Coordinator {
     held: BTreeMap<u16, Lease>,
     members: Vec<String>,
     epoch: u64,
+    /// The value of this subscription's leases: its instance name and a nonce of this join,
+    /// so a lease read back is known to be this subscription's, not another's of the same
+    /// instance name.
+    lease_value: Bytes,
     /// What the dispatcher checks before it starts a job: claimed with each lease's
     /// deadline, extended on renewal, lost with the lease.
     ownership: Arc<Ownership>,
@@ -88,6 +92,11 @@ pub(crate) async fn join(
     let (assignment, receiver) = watch::channel(Arc::new(Vec::new()));
     let (stop, stopped) = oneshot::channel();
     let leave_within = spec.lease_ttl;
+    let lease_value = Bytes::from(format!(
+        "{} {}",
+        spec.instance,
+        eventbus_core::new_event_id()
+    ));
     let mut coordinator = Coordinator {
         spec,
         kv: bucket.store,
@@ -99,6 +108,7 @@ pub(crate) async fn join(
         restarts: restarts.clone(),
         assignment,
         held: BTreeMap::new(),
+        lease_value,
         members: Vec::new(),
         epoch: 0,
         ownership,
@@ -215,7 +225,7 @@ impl Coordinator {
     /// or one not renewed in time, is dropped at once.
     async fn renew(&mut self) {
         let sent = Instant::now();
-        let value = Bytes::from(self.spec.instance.clone());
+        let value = self.lease_value.clone();
         let (kv, group, heartbeat) = (&self.kv, &self.spec.group, self.spec.heartbeat);
         let renewals = self.held.iter().map(|(p, lease)| {
             let key = lease_key(group, *p);
@@ -227,6 +237,7 @@ impl Coordinator {
         });
         let results = futures_util::future::join_all(renewals).await;
         let now = Instant::now();
+        let mut refused = Vec::new();
         for (p, result) in results {
             let Some(lease) = self.held.get_mut(&p) else {
                 continue;
@@ -239,7 +250,10 @@ impl Coordinator {
                         .extend(&lease.owned.token, lease.valid_until.into_std());
                     false
                 }
-                Ok(Err(e)) if e.kind() == UpdateErrorKind::WrongLastRevision => true,
+                Ok(Err(e)) if e.kind() == UpdateErrorKind::WrongLastRevision => {
+                    refused.push(p);
+                    false
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(group = %self.spec.group, partition = p, error = %e, "cannot renew a partition lease");
                     now >= lease.valid_until
@@ -250,14 +264,54 @@ impl Coordinator {
                 }
             };
             if lost {
-                tracing::warn!(group = %self.spec.group, partition = p,
-                    "partition lease lost (lapsed or taken over): no longer pulling it");
-                self.held.remove(&p);
-                self.load.set_draining(p, false);
-                // Its queued jobs never start here: the new owner may be on them already.
-                self.ownership.lose(u32::from(p));
+                self.lost(p);
             }
         }
+        for p in refused {
+            if !self.reclaim(p).await {
+                self.lost(p);
+            }
+        }
+    }
+
+    /// The lease of `p` is gone: stop everything of the partition at once.
+    fn lost(&mut self, p: u16) {
+        tracing::warn!(group = %self.spec.group, partition = p,
+            "partition lease lost (lapsed or taken over): no longer pulling it");
+        self.held.remove(&p);
+        self.load.set_draining(p, false);
+        // Its queued jobs never start here: the new owner may be on them already.
+        self.ownership.lose(u32::from(p));
+    }
+
+    /// A renewal of `p` was refused for its revision: an earlier renewal may have been
+    /// applied with its reply lost (a timeout). Reads the lease back; if it still holds this
+    /// subscription's value, renews it at the revision found and keeps it. False: lost.
+    async fn reclaim(&mut self, p: u16) -> bool {
+        let key = lease_key(&self.spec.group, p);
+        let heartbeat = self.spec.heartbeat;
+        let entry = match tokio::time::timeout(heartbeat, self.kv.entry(&key)).await {
+            Ok(Ok(Some(entry))) if entry.value == self.lease_value => entry,
+            // Another's, deleted, lapsed, or unreadable now: not provably ours.
+            _ => return false,
+        };
+        let sent = Instant::now();
+        let update = self
+            .kv
+            .update(&key, self.lease_value.clone(), entry.revision);
+        let Ok(Ok(revision)) = tokio::time::timeout(heartbeat, update).await else {
+            return false;
+        };
+        let Some(lease) = self.held.get_mut(&p) else {
+            return false;
+        };
+        lease.revision = revision;
+        lease.valid_until = sent + self.spec.lease_ttl - heartbeat;
+        self.ownership
+            .extend(&lease.owned.token, lease.valid_until.into_std());
+        tracing::info!(group = %self.spec.group, partition = p,
+            "a lease renewal was applied though its reply was lost; keeping the lease");
+        true
     }
 
     /// Marks the partitions the fetcher asked to restart, if they are still held under the
@@ -366,9 +420,7 @@ impl Coordinator {
     async fn acquire(&mut self, partition: u16) {
         let key = lease_key(&self.spec.group, partition);
         let sent = Instant::now();
-        let create = self
-            .kv
-            .create(&key, Bytes::from(self.spec.instance.clone()));
+        let create = self.kv.create(&key, self.lease_value.clone());
         let revision = match tokio::time::timeout(self.spec.heartbeat, create).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) if e.kind() == CreateErrorKind::AlreadyExists => return,
