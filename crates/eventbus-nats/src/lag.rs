@@ -7,7 +7,7 @@ use async_nats::jetstream::context::{ConsumerInfoErrorKind, GetStreamErrorKind};
 use eventbus_core::{Lag, PartitionLag, TransportError};
 use futures_util::StreamExt;
 
-use crate::naming::{consumer_name, partition_subject, stream_subjects, PARTITIONS_METADATA};
+use crate::naming::{consumer_epoch, partition_subject, stream_subjects, PARTITIONS_METADATA};
 use crate::transport::NatsTransport;
 
 fn unavailable(what: String) -> TransportError {
@@ -39,17 +39,40 @@ impl NatsTransport {
             .get(PARTITIONS_METADATA)
             .and_then(|p| p.parse().ok())
             .unwrap_or(1);
+        // Each partition's current consumer: the one of the newest ownership epoch.
+        let mut current: HashMap<u16, (u64, String)> = HashMap::new();
+        let mut names = stream.consumer_names();
+        while let Some(name) = names.next().await {
+            let name = name.map_err(|e| unavailable(format!("consumers of {topic}: {e}")))?;
+            // Not every name is a group's: a partition number is tried only where it parses.
+            let Some((p, epoch)) = partition_of(&name, group)
+                .and_then(|p| consumer_epoch(&name, group, p).map(|e| (p, e)))
+            else {
+                continue;
+            };
+            if current.get(&p).map_or(true, |(e, _)| epoch > *e) {
+                current.insert(p, (epoch, name));
+            }
+        }
         let mut stored: Option<HashMap<String, usize>> = None;
         let mut out = Vec::with_capacity(partitions as usize);
         for p in 0..partitions {
-            let consumer = consumer_name(group, p);
-            let lag = match stream.consumer_info(&consumer).await {
-                Ok(ci) => PartitionLag {
+            let info = match current.get(&p) {
+                Some((_, consumer)) => match stream.consumer_info(consumer).await {
+                    Ok(ci) => Some(ci),
+                    // Replaced by a new owner's meanwhile: as if none yet.
+                    Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => None,
+                    Err(e) => return Err(unavailable(format!("consumer {consumer}: {e}"))),
+                },
+                None => None,
+            };
+            let lag = match info {
+                Some(ci) => PartitionLag {
                     partition: u32::from(p),
                     pending: ci.num_pending,
                     unacked: Some(ci.num_ack_pending as u64),
                 },
-                Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
+                None => {
                     if stored.is_none() {
                         stored = Some(subject_counts(&stream, topic).await?);
                     }
@@ -63,7 +86,6 @@ impl NatsTransport {
                         unacked: Some(0),
                     }
                 }
-                Err(e) => return Err(unavailable(format!("consumer {consumer}: {e}"))),
             };
             out.push(lag);
         }
@@ -89,4 +111,11 @@ async fn subject_counts(
         }
     }
     Ok(counts)
+}
+
+/// The partition number in consumer name `name` of `group` (`<group>-p<n>[-e<epoch>]`).
+fn partition_of(name: &str, group: &str) -> Option<u16> {
+    let rest = name.strip_prefix(group)?.strip_prefix("-p")?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
 }

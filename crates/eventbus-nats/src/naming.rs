@@ -34,9 +34,29 @@ pub(crate) fn stream_name(prefix: &str, topic: &str) -> String {
     s
 }
 
-/// The durable consumer of `group` on one partition.
-pub(crate) fn consumer_name(group: &str, partition: u16) -> String {
-    format!("{group}-p{partition}")
+/// The durable consumer of `group` on one partition for the ownership epoch `epoch`: the
+/// revision of the lease write that proved the owner held the partition when it readied the
+/// consumer. Every owner pulls (and acks) through a consumer of its own, so a stale owner can
+/// never pull from or ack on its successor's.
+pub(crate) fn consumer_name(group: &str, partition: u16, epoch: u64) -> String {
+    format!("{group}-p{partition}-e{epoch}")
+}
+
+/// The epoch of `name` if it is a consumer of `group`'s `partition`: one of
+/// [`consumer_name`], or the name consumers had before epochs (`<group>-p<n>`, epoch 0).
+pub(crate) fn consumer_epoch(name: &str, group: &str, partition: u16) -> Option<u64> {
+    let rest = name
+        .strip_prefix(group)?
+        .strip_prefix("-p")?
+        .strip_prefix(partition.to_string().as_str())?;
+    if rest.is_empty() {
+        return Some(0);
+    }
+    let digits = rest.strip_prefix("-e")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
 }
 
 /// The key-value bucket where the groups of a stream keep membership and partition leases.
@@ -64,6 +84,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn consumers_of_a_partition_are_told_apart_from_others() {
+        assert_eq!(consumer_epoch("svc-p3-e42", "svc", 3), Some(42));
+        assert_eq!(
+            consumer_epoch("svc-p3", "svc", 3),
+            Some(0),
+            "the name before epochs"
+        );
+        assert_eq!(
+            consumer_epoch("svc-p31-e5", "svc", 3),
+            None,
+            "another partition"
+        );
+        assert_eq!(consumer_epoch("svc-p3-e", "svc", 3), None);
+        assert_eq!(
+            consumer_epoch("svc-p3-e1-p0-e5", "svc", 3),
+            None,
+            "group svc-p3-e1"
+        );
+        assert_eq!(consumer_epoch("svc-x-p3-e5", "svc", 3), None, "group svc-x");
+        assert_eq!(consumer_epoch("svc-p3-e7", "svc-p3-e1", 0), None);
+    }
+
+    #[test]
     fn stream_names_have_no_dots() {
         assert_eq!(stream_name("EB_", "orders.created"), "EB_orders_created");
         assert_eq!(stream_name("", "a-b"), "a-b");
@@ -73,7 +116,7 @@ mod tests {
     fn partitions_are_one_token_under_the_topic() {
         assert_eq!(partition_subject("orders.created", 7), "orders.created.7");
         assert_eq!(stream_subjects("orders.created"), "orders.created.*");
-        assert_eq!(consumer_name("billing", 3), "billing-p3");
+        assert_eq!(consumer_name("billing", 3, 42), "billing-p3-e42");
         assert_eq!(lease_key("billing", 3), "billing.l.3");
         assert!(member_key("billing", "i-1").starts_with(&member_prefix("billing")));
     }

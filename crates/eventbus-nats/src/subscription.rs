@@ -206,7 +206,7 @@ impl NatsSubscription {
     /// partition. On a jump the message is dropped unacked, with the rest of the partition's
     /// pull stream, and the partition is held back for a restart at its ack floor.
     fn admit(&mut self, idx: usize, seq: u64) -> bool {
-        let (partition, epoch) = (self.pulling[idx].partition, self.pulling[idx].epoch);
+        let partition = self.pulling[idx].partition;
         let Some((_, next)) = self.expected.get_mut(&partition) else {
             return true;
         };
@@ -218,14 +218,23 @@ impl NatsSubscription {
         }
         tracing::warn!(topic = %self.topic, partition, expected = *next, got = seq,
             "deliveries of the partition were lost on the way; restarting it at its ack floor");
-        self.pulling.swap_remove(idx);
+        self.hold_for_restart(idx);
+        false
+    }
+
+    /// Stops pulling `self.pulling[idx]` and has the coordinator ready its partition again
+    /// (a new consumer at the ack floor, under a new epoch), once what was dispatched of it
+    /// is settled — or drop it, if the lease turns out to be gone.
+    fn hold_for_restart(&mut self, idx: usize) {
+        let Pulling {
+            partition, epoch, ..
+        } = self.pulling.swap_remove(idx);
         self.restarting.push((partition, epoch));
         self.expected.remove(&partition);
         if let Some(m) = self.membership.as_ref() {
             m.set_pulling(self.pulling.iter().map(|p| p.partition));
             m.restart(partition, epoch);
         }
-        false
     }
 
     /// `m` as a delivery; `info` is its stream sequence and delivery count, if its reply
@@ -340,12 +349,17 @@ impl Subscription for NatsSubscription {
                 }
                 Next::Failed(idx, e) => {
                     use async_nats::jetstream::consumer::pull::MessagesErrorKind;
-                    if e.kind() == MessagesErrorKind::ConsumerDeleted {
-                        // Another instance took the partition over and restarted its consumer.
+                    if matches!(
+                        e.kind(),
+                        MessagesErrorKind::ConsumerDeleted | MessagesErrorKind::NoResponders
+                    ) {
+                        // Another instance took the partition over and replaced its consumer
+                        // with its own (this lease is gone then), or someone deleted it. Never
+                        // pulled again under this epoch: the coordinator readies the partition
+                        // anew if its lease is still ours, and drops it if not.
                         tracing::warn!(topic = %self.topic, partition = self.pulling[idx].partition,
-                            "the partition's consumer was deleted; no longer pulling it");
-                        self.pulling.swap_remove(idx);
-                        self.dirty = true;
+                            error = %e, "the partition's consumer is gone; no longer pulling it");
+                        self.hold_for_restart(idx);
                         continue;
                     }
                     // The stream reports and recovers (missed heartbeats across a

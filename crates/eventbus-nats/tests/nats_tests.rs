@@ -103,10 +103,26 @@ async fn provisioning_defaults_are_visible_in_stream_and_consumer_info() {
     assert_eq!(cfg.max_bytes, 1 << 30);
     assert_eq!(cfg.max_messages, 1_000_000);
     assert_eq!(cfg.duplicate_window, Duration::from_secs(120));
+    // One consumer per partition and ownership epoch: `billing-p3-e<lease revision>`.
+    let names: Vec<String> = futures_util::StreamExt::collect::<Vec<_>>(stream.consumer_names())
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .expect("consumer names");
+    let p3: Vec<&String> = names
+        .iter()
+        .filter(|n| {
+            n.strip_prefix("billing-p3-e")
+                .is_some_and(|e| !e.is_empty() && e.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .collect();
+    let [name] = p3.as_slice() else {
+        panic!("one consumer of partition 3, got {names:?}");
+    };
     let mut consumer: async_nats::jetstream::consumer::PullConsumer =
-        stream.get_consumer("billing-p3").await.expect("consumer");
+        stream.get_consumer(name).await.expect("consumer");
     let c = consumer.info().await.expect("consumer info").config.clone();
-    assert_eq!(c.durable_name.as_deref(), Some("billing-p3"));
+    assert_eq!(c.durable_name.as_deref(), Some(name.as_str()));
     assert_eq!(
         c.ack_policy,
         async_nats::jetstream::consumer::AckPolicy::Explicit
@@ -648,8 +664,10 @@ async fn a_closed_instance_hands_its_partitions_over_at_once() {
 /// Deliveries that never reach the fetcher (a pull in flight when a cluster's leader dies,
 /// or a stale pull request of a dropped inbox) must not let later events of their aggregate
 /// overtake them. A second client pulls from the partition's consumer and never acks, so
-/// the first messages go to it; without the gap check the bus handled the rest at once and
-/// the stolen ones only after ack_wait, behind them.
+/// some messages go to it; without the gap check the bus handled the rest at once and the
+/// stolen ones only after ack_wait, behind them. The thief's pull must be the only one
+/// waiting at the server: the member's handler holds version 1 (a one-job buffer, so its
+/// fetcher waits too and issues no pull) until the member's pull requests have expired.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliveries_lost_in_transit_do_not_let_later_events_overtake_them() {
     const EVENTS: i64 = 10;
@@ -657,6 +675,7 @@ async fn deliveries_lost_in_transit_do_not_let_later_events_overtake_them() {
     let mut nats = Nats::new();
     nats.config.stream.partitions = 1;
     nats.config.consumer.ack_wait = Duration::from_secs(2);
+    nats.config.pull_expires = Duration::from_secs(1);
     nats.config.group = GroupSettings {
         lease_ttl: Duration::from_secs(3),
         heartbeat: Duration::from_millis(200),
@@ -664,21 +683,38 @@ async fn deliveries_lost_in_transit_do_not_let_later_events_overtake_them() {
     };
     let topic = unique("nats-gap");
     let group = unique("svc");
-    // A first member creates the partition's consumer, handles one event and leaves.
-    let first = nats.connect(kit_config()).await.expect("connect");
-    let warmup: Recorder<Envelope> = Recorder::default();
-    first
-        .subscribe_envelope(&topic, &group, warmup.envelope_handler())
+    let mut config = kit_config();
+    config.dispatch.keyed_buffer = 1;
+    config.dispatch.keyed_workers = 1;
+    let member = nats.connect(config).await.expect("connect");
+    let handled: Recorder<Envelope> = Recorder::default();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (h, g) = (handled.clone(), gate.clone());
+    member
+        .subscribe_envelope(&topic, &group, move |e: Envelope| {
+            let (h, g) = (h.clone(), g.clone());
+            async move {
+                if e.event_version == 1 {
+                    let _open = g.acquire().await;
+                }
+                h.push(e);
+                Ok::<(), eventbus_core::HandlerError>(())
+            }
+        })
         .await
         .expect("subscribe");
-    let e = Envelope::new("agg", "t", 0, json!({}));
-    first.publish_envelope(&topic, &e).await.expect("publish");
-    warmup.wait_for(1, "the first event").await;
-    let stream_name = first.transport().stream_name(&topic);
-    first.close().await.expect("close");
-    drop(first);
+    let stream_name = member.transport().stream_name(&topic);
+    let mut ids = Vec::new();
+    let mut publish = async |v: i64| {
+        let e = Envelope::new("agg", "t", v, json!({}));
+        ids.push(e.event_id.clone());
+        member.publish_envelope(&topic, &e).await.expect("publish");
+        member.flush().await.expect("flush");
+    };
+    // Version 1 holds the only worker, version 2 the buffer's one place: the fetcher waits.
+    publish(1).await;
+    publish(2).await;
 
-    // The thief's pull waits at the server before the next member's pulls.
     let raw = async_nats::connect(nats_url()).await.expect("raw client");
     let js = async_nats::jetstream::new(raw.clone());
     let stream = js.get_stream(&stream_name).await.expect("stream");
@@ -691,6 +727,17 @@ async fn deliveries_lost_in_transit_do_not_let_later_events_overtake_them() {
     let [consumer] = consumers.as_slice() else {
         panic!("one partition, one group: one consumer, got {consumers:?}");
     };
+    // The member's pull requests expire (pull_expires) and are not renewed meanwhile.
+    hang_guard("the member's pull requests expiring", async {
+        loop {
+            let info = stream.consumer_info(consumer).await.expect("consumer info");
+            if info.num_waiting == 0 && info.delivered.stream_sequence >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
     let inbox = raw.new_inbox();
     let mut stolen = raw.subscribe(inbox.clone()).await.expect("thief inbox");
     raw.publish_with_reply(
@@ -701,20 +748,9 @@ async fn deliveries_lost_in_transit_do_not_let_later_events_overtake_them() {
     .await
     .expect("thief pull");
     raw.flush().await.expect("flush");
-
-    let second = nats.connect(kit_config()).await.expect("connect");
-    let handled: Recorder<Envelope> = Recorder::default();
-    second
-        .subscribe_envelope(&topic, &group, handled.envelope_handler())
-        .await
-        .expect("subscribe");
-    let mut ids = Vec::new();
-    for v in 1..=EVENTS {
-        let e = Envelope::new("agg", "t", v, json!({}));
-        ids.push(e.event_id.clone());
-        second.publish_envelope(&topic, &e).await.expect("publish");
+    for v in 3..=EVENTS {
+        publish(v).await;
     }
-    second.flush().await.expect("flush");
     let taken = hang_guard(
         "the thief's first message",
         futures_util::StreamExt::next(&mut stolen),
@@ -722,6 +758,7 @@ async fn deliveries_lost_in_transit_do_not_let_later_events_overtake_them() {
     .await
     .expect("thief inbox open");
     let taken = Envelope::from_json(&taken.payload).expect("an envelope");
+    gate.add_permits(1);
     let (got, first_handlings) =
         every_event_handled(&handled, &ids, "every event, the stolen ones too").await;
     let order: Vec<i64> = got.iter().map(|e| e.event_version).collect();
@@ -737,7 +774,7 @@ async fn deliveries_lost_in_transit_do_not_let_later_events_overtake_them() {
         .filter(|l| l.starts_with("WARN") && l.contains("lost on the way"))
         .count();
     assert_eq!(gaps, 1, "the stolen deliveries were seen as one gap");
-    second.close().await.expect("close");
+    member.close().await.expect("close");
 }
 
 /// An instance cut off from the server past its lease starts nothing more of the partitions

@@ -15,7 +15,9 @@ use tokio::time::Instant;
 
 use super::assignment::owned_partitions;
 use super::{Membership, Owned, PartitionLoad, Restarts};
-use crate::naming::{consumer_name, lease_key, member_key, member_prefix, partition_subject};
+use crate::naming::{
+    consumer_epoch, consumer_name, lease_key, member_key, member_prefix, partition_subject,
+};
 use eventbus_core::ownership::Ownership;
 use eventbus_core::TransportError;
 
@@ -274,6 +276,32 @@ impl Coordinator {
         }
     }
 
+    /// Renews the lease of `p` alone, for a restart: its new revision and deadline, or
+    /// `None` when it could not be renewed now (then it is lost if provably another's, or
+    /// tried again at the next heartbeat).
+    async fn renew_one(&mut self, p: u16) -> Option<(u64, Instant)> {
+        let revision = self.held.get(&p)?.revision;
+        let key = lease_key(&self.spec.group, p);
+        let sent = Instant::now();
+        let update = self.kv.update(&key, self.lease_value.clone(), revision);
+        let renewed = match tokio::time::timeout(self.spec.heartbeat, update).await {
+            Ok(Ok(revision)) => revision,
+            Ok(Err(e)) if e.kind() == UpdateErrorKind::WrongLastRevision => {
+                if !self.reclaim(p).await {
+                    self.lost(p);
+                }
+                return None;
+            }
+            _ => return None,
+        };
+        let lease = self.held.get_mut(&p)?;
+        lease.revision = renewed;
+        lease.valid_until = sent + self.spec.lease_ttl - self.spec.heartbeat;
+        self.ownership
+            .extend(&lease.owned.token, lease.valid_until.into_std());
+        Some((renewed, lease.valid_until))
+    }
+
     /// The lease of `p` is gone: stop everything of the partition at once.
     fn lost(&mut self, p: u16) {
         tracing::warn!(group = %self.spec.group, partition = p,
@@ -334,10 +362,13 @@ impl Coordinator {
         let due = self.settled(|l| l.restarting);
         let mut any = false;
         for p in due {
-            let Some(valid_until) = self.held.get(&p).map(|l| l.valid_until) else {
+            // A renewal first: the lease write's revision proves the partition is still ours
+            // as its new consumer is made and the old one deleted (a stale owner asking for a
+            // restart finds out here that its lease is gone, and deletes nothing).
+            let Some((revision, valid_until)) = self.renew_one(p).await else {
                 continue;
             };
-            match self.ready_owned(p, valid_until).await {
+            match self.ready_owned(p, revision, valid_until).await {
                 Ok(owned) => {
                     if let Some(lease) = self.held.get_mut(&p) {
                         lease.restarting = false;
@@ -432,7 +463,7 @@ impl Coordinator {
             Err(_) => return,
         };
         let valid_until = sent + self.spec.lease_ttl - self.spec.heartbeat;
-        match self.ready_owned(partition, valid_until).await {
+        match self.ready_owned(partition, revision, valid_until).await {
             Ok(owned) => {
                 self.load.set_draining(partition, false);
                 tracing::debug!(group = %self.spec.group, partition, "partition taken");
@@ -454,17 +485,23 @@ impl Coordinator {
         }
     }
 
-    /// The partition's consumer readied (within a heartbeat) under a new epoch, owned until
-    /// `valid_until` unless the lease is renewed.
+    /// The partition's consumer readied (within a heartbeat) under a new epoch, proved by
+    /// the lease write of revision `revision`, owned until `valid_until` unless the lease is
+    /// renewed. The consumers of earlier epochs are deleted once the new one exists.
     async fn ready_owned(
         &mut self,
         partition: u16,
+        revision: u64,
         valid_until: Instant,
     ) -> Result<Owned, TransportError> {
-        let ready = tokio::time::timeout(self.spec.heartbeat, self.ready_consumer(partition));
-        let consumer = ready
+        let ready = tokio::time::timeout(
+            self.spec.heartbeat,
+            self.ready_consumer(partition, revision),
+        );
+        let (consumer, earlier) = ready
             .await
             .unwrap_or_else(|_| Err(TransportError::Timeout("readying the consumer".into())))?;
+        self.delete_consumers(partition, earlier).await;
         self.epoch += 1;
         let token = self
             .ownership
@@ -477,48 +514,66 @@ impl Coordinator {
         })
     }
 
-    /// The partition's consumer, ready for its new owner. When the previous owner left
-    /// deliveries unsettled (it crashed or lost its lease), the consumer is recreated from its
-    /// ack floor: those messages come again, in order, before anything newer, instead of after
-    /// the ack wait behind later events of their aggregates.
-    async fn ready_consumer(&self, partition: u16) -> Result<PullConsumer, TransportError> {
-        let name = consumer_name(&self.spec.group, partition);
+    /// A consumer of its own for the partition's new owner, named for the epoch `epoch`,
+    /// and the names of the partition's earlier consumers. It starts after the highest ack
+    /// floor among the earlier ones (none: the group is new there, so from the start), so
+    /// what a previous owner left unsettled (it crashed or lost its lease) comes again first,
+    /// in order, instead of after the ack wait behind later events of its aggregates. It is
+    /// created *before* the earlier ones are deleted: a failure or a crash in between loses no
+    /// position (the next attempt finds them all and starts after the highest floor again).
+    async fn ready_consumer(
+        &self,
+        partition: u16,
+        epoch: u64,
+    ) -> Result<(PullConsumer, Vec<String>), TransportError> {
+        let group = &self.spec.group;
+        let name = consumer_name(group, partition, epoch);
         let filter = partition_subject(&self.spec.topic, partition);
-        let start = match self.stream.consumer_info(&name).await {
-            Ok(info) => {
-                let have = &info.config;
-                if have.ack_policy != AckPolicy::Explicit {
-                    return Err(provisioning(format!(
-                        "consumer {name} exists with ack policy {:?}; eventbus needs explicit acks",
-                        have.ack_policy
-                    )));
+        let mut earlier = Vec::new();
+        let mut names = self.stream.consumer_names();
+        while let Some(n) = names.next().await {
+            let n = n.map_err(|e| provisioning(format!("listing consumers: {e}")))?;
+            if n != name && consumer_epoch(&n, group, partition).is_some() {
+                earlier.push(n);
+            }
+        }
+        let mut floor: Option<u64> = None;
+        let mut unsettled = 0;
+        for old in &earlier {
+            let info = match self.stream.consumer_info(old).await {
+                Ok(info) => info,
+                // Deleted meanwhile (by another instance's cleanup): nothing to start from.
+                Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => continue,
+                Err(e) => return Err(provisioning(format!("consumer {old}: {e}"))),
+            };
+            let have = &info.config;
+            if have.ack_policy != AckPolicy::Explicit {
+                return Err(provisioning(format!(
+                    "consumer {old} exists with ack policy {:?}; eventbus needs explicit acks",
+                    have.ack_policy
+                )));
+            }
+            if have.filter_subject != filter {
+                return Err(provisioning(format!(
+                    "consumer {old} filters {:?}, not {filter:?}",
+                    have.filter_subject
+                )));
+            }
+            unsettled += info.num_ack_pending;
+            let f = info.ack_floor.stream_sequence;
+            floor = Some(floor.map_or(f, |x| x.max(f)));
+        }
+        let start = match floor {
+            None => DeliverPolicy::All,
+            Some(f) => {
+                if unsettled > 0 {
+                    tracing::info!(group = %group, partition, unsettled, from = f + 1,
+                        "the previous owner left deliveries unsettled: starting at its ack floor");
                 }
-                if have.filter_subject != filter {
-                    return Err(provisioning(format!(
-                        "consumer {name} filters {:?}, not {filter:?}",
-                        have.filter_subject
-                    )));
-                }
-                if info.num_ack_pending == 0 {
-                    return self
-                        .stream
-                        .get_consumer(&name)
-                        .await
-                        .map_err(|e| provisioning(format!("consumer {name}: {e}")));
-                }
-                let from = info.ack_floor.stream_sequence + 1;
-                tracing::info!(group = %self.spec.group, partition, unsettled = info.num_ack_pending, from,
-                    "restarting the partition's consumer at its ack floor");
-                self.stream
-                    .delete_consumer(&name)
-                    .await
-                    .map_err(|e| provisioning(format!("consumer {name}: {e}")))?;
                 DeliverPolicy::ByStartSequence {
-                    start_sequence: from,
+                    start_sequence: f + 1,
                 }
             }
-            Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => DeliverPolicy::All,
-            Err(e) => return Err(provisioning(format!("consumer {name}: {e}"))),
         };
         let config = pull::Config {
             durable_name: Some(name.clone()),
@@ -526,10 +581,29 @@ impl Coordinator {
             deliver_policy: start,
             ..self.spec.consumer.clone()
         };
-        self.stream
+        let consumer = self
+            .stream
             .create_consumer(config)
             .await
-            .map_err(|e| provisioning(format!("consumer {name}: {e}")))
+            .map_err(|e| provisioning(format!("consumer {name}: {e}")))?;
+        Ok((consumer, earlier))
+    }
+
+    /// Deletes a partition's consumers of earlier epochs (each within a heartbeat); one left
+    /// over is deleted at the partition's next takeover.
+    async fn delete_consumers(&self, partition: u16, names: Vec<String>) {
+        for name in names {
+            let delete = self.stream.delete_consumer(&name);
+            match tokio::time::timeout(self.spec.heartbeat, delete).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(group = %self.spec.group, partition, consumer = %name, error = %e,
+                    "cannot delete an earlier consumer of the partition; left for its next takeover")
+                }
+                Err(_) => tracing::warn!(group = %self.spec.group, partition, consumer = %name,
+                    "deleting an earlier consumer of the partition timed out; left for its next takeover"),
+            }
+        }
     }
 
     /// Gives every partition up and leaves the membership list.
