@@ -65,6 +65,8 @@ pub(crate) struct Route {
     failure: Mutex<Option<String>>,
     /// Wakes the fetcher when the route fails.
     pub(crate) failed: Notify,
+    /// Wakes whoever waits for the route to stop running (stop or failure).
+    stopped: Notify,
     /// The fetcher found its consumer stalled and has not received anything since.
     stalled: std::sync::atomic::AtomicBool,
 }
@@ -91,6 +93,7 @@ impl Route {
             state: AtomicU8::new(ROUTE_RUNNING),
             failure: Mutex::new(None),
             failed: Notify::new(),
+            stopped: Notify::new(),
             stalled: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -138,6 +141,7 @@ impl Route {
             Ordering::AcqRel,
             Ordering::Acquire,
         );
+        self.stopped.notify_waiters();
     }
 
     /// Stops the subscription for good with `reason`.
@@ -147,6 +151,20 @@ impl Route {
         }
         self.state.store(ROUTE_FAILED, Ordering::Release);
         self.failed.notify_waiters();
+        self.stopped.notify_waiters();
+    }
+
+    /// Resolves once the subscription no longer runs (stopping or failed).
+    pub(crate) async fn until_stopped(&self) {
+        loop {
+            let notified = self.stopped.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.is_running() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Handlers may run.
@@ -289,12 +307,45 @@ impl<T: Transport> Dispatcher<T> {
             delivery,
             route: route.clone(),
         };
+        // Waiting for room ends when the subscription stops: with every worker stuck in a
+        // hung handler, `unsubscribe` must not wait for room that never comes.
         let refused = match lane {
-            Some(lane) => self.keyed.push(lane, job).await.err(),
-            None => self.global.send(job).await.err().map(|e| e.0),
+            Some(lane) => {
+                let room = self.keyed.try_reserve()
+                    || tokio::select! {
+                        room = self.keyed.reserve() => room,
+                        () = route.until_stopped() => false,
+                    };
+                if room {
+                    self.keyed.push_reserved(lane, job).err()
+                } else {
+                    Some(job)
+                }
+            }
+            None => match self.global.try_send(job) {
+                Ok(()) => None,
+                Err(async_channel::TrySendError::Closed(job)) => Some(job),
+                Err(async_channel::TrySendError::Full(job)) => {
+                    let sent = tokio::select! {
+                        sent = self.global.send(job) => Some(sent),
+                        () = route.until_stopped() => None,
+                    };
+                    match sent {
+                        Some(Ok(())) => None,
+                        Some(Err(e)) => Some(e.0),
+                        None => {
+                            // Dropped unsettled inside the abandoned send: the broker
+                            // redelivers it.
+                            route.finished();
+                            return;
+                        }
+                    }
+                }
+            },
         };
         if let Some(job) = refused {
-            // The pools are shut down (the bus is closing): hand the message back.
+            // The pools are shut down (the bus is closing) or the subscription is stopping:
+            // hand the message back.
             let _ = job.delivery.nak(Duration::ZERO).await;
             job.route.finished();
         }

@@ -97,11 +97,40 @@ impl<J> KeyedScheduler<J> {
 
     /// Buffers `job` in lane `key`, waiting while the buffer is full. Gives the job back
     /// when the scheduler is closed.
+    #[cfg(test)]
     pub(crate) async fn push(&self, key: LaneKey, job: J) -> Result<(), J> {
-        match self.room.acquire().await {
-            Ok(permit) => permit.forget(),
-            Err(_) => return Err(job),
+        if !self.reserve().await {
+            return Err(job);
         }
+        self.push_reserved(key, job)
+    }
+
+    /// Takes room for one job if there is some now; then [`Self::push_reserved`] must follow.
+    pub(crate) fn try_reserve(&self) -> bool {
+        match self.room.try_acquire() {
+            Ok(permit) => {
+                permit.forget();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Waits for room for one job (false: the scheduler is closed); then
+    /// [`Self::push_reserved`] must follow. Cancelling the wait takes no room.
+    pub(crate) async fn reserve(&self) -> bool {
+        match self.room.acquire().await {
+            Ok(permit) => {
+                permit.forget();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Buffers `job` in lane `key` in the room reserved for it. Gives the job back (and the
+    /// room) when the scheduler is closed.
+    pub(crate) fn push_reserved(&self, key: LaneKey, job: J) -> Result<(), J> {
         let mut st = self.lock();
         if st.closed {
             drop(st);

@@ -488,3 +488,41 @@ async fn dead_letters_stay_out_of_the_applications_results() {
     assert_eq!(bus.metrics().published, 1);
     assert_eq!(bus.metrics().dead_lettered, 1);
 }
+
+/// `unsubscribe` stays bounded when every worker is stuck in a hung handler and the buffer
+/// is full: the fetcher, waiting for room that never comes, hands its message back and
+/// stops. Before, it waited for room forever and so did `unsubscribe`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsubscribe_is_bounded_when_every_worker_hangs_and_the_buffer_is_full() {
+    let close = Duration::from_secs(2);
+    let mut config = BusConfig::default().with_close_timeout(close);
+    config.dispatch.keyed_workers = 1;
+    config.dispatch.keyed_buffer = 2;
+    let bus = bus(config);
+    let (started_tx, mut started) = tokio::sync::mpsc::channel::<()>(16);
+    let handle = bus
+        .subscribe("hung", "g", move |_m: Message| {
+            let started_tx = started_tx.clone();
+            async move {
+                let _ = started_tx.send(()).await;
+                // Hangs for good (until the bus aborts it at close).
+                std::future::pending::<()>().await;
+                Ok::<(), HandlerError>(())
+            }
+        })
+        .await
+        .expect("subscribe");
+    for i in 0..10 {
+        bus.send(crate::Publication::new("hung", format!("m{i}")).aggregate_id("one-aggregate"))
+            .await
+            .expect("publish");
+    }
+    started.recv().await.expect("a handler started");
+    let done = tokio::time::timeout(close + Duration::from_secs(5), handle.unsubscribe()).await;
+    assert!(
+        done.is_ok(),
+        "unsubscribe waited for buffer room behind a hung handler"
+    );
+    let closed = tokio::time::timeout(close * 3, bus.close()).await;
+    assert!(closed.is_ok(), "close not bounded");
+}
