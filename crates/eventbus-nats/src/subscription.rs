@@ -406,6 +406,7 @@ impl Subscription for NatsSubscription {
         self.pulling.clear();
         if let Some(m) = self.membership.as_ref() {
             m.set_pulling(std::iter::empty());
+            m.begin_leaving();
         }
     }
 

@@ -1002,3 +1002,95 @@ async fn a_renewal_whose_reply_was_lost_keeps_the_lease() {
     bus.close().await.expect("close");
     publisher.close().await.expect("close");
 }
+
+/// A handler that hangs when an instance leaves holds back its own partition only: every
+/// other partition goes to the other members at once, while the leaving instance still waits
+/// (up to its drain deadline) for the hung handler. Before, the leaving instance kept every
+/// partition, announced itself and even took partitions until the drain deadline passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_handler_keeps_no_other_partition_from_the_group_when_an_instance_leaves() {
+    use eventbus_core::partitioner::partition_for;
+    let mut nats = Nats::new();
+    nats.config.group = GroupSettings {
+        lease_ttl: Duration::from_secs(3),
+        heartbeat: Duration::from_millis(200),
+        instance_id: None,
+    };
+    let partitions = u32::from(nats.config.stream.partitions);
+    let topic = unique("nats-hung-leave");
+    let group = unique("svc");
+    let hung = "agg-hung";
+    // Aggregates on other partitions than the hung one.
+    let others: Vec<String> = (0..200)
+        .map(|i| format!("agg-{i}"))
+        .filter(|a| {
+            partition_for(a.as_bytes(), partitions) != partition_for(hung.as_bytes(), partitions)
+        })
+        .take(7)
+        .collect();
+    let leaving_bus = nats
+        .connect(kit_config().with_close_timeout(Duration::from_secs(20)))
+        .await
+        .expect("connect");
+    let staying = nats.connect(kit_config()).await.expect("connect");
+    let first: Recorder<Envelope> = Recorder::default();
+    let (started_tx, mut started) = tokio::sync::mpsc::channel::<()>(4);
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (f, g) = (first.clone(), gate.clone());
+    let handle = leaving_bus
+        .subscribe_envelope(&topic, &group, move |e: Envelope| {
+            let (f, g, started_tx) = (f.clone(), g.clone(), started_tx.clone());
+            async move {
+                if e.aggregate_id == "agg-hung" {
+                    let _ = started_tx.send(()).await;
+                    let _open = g.acquire().await;
+                }
+                f.push(e);
+                Ok::<(), eventbus_core::HandlerError>(())
+            }
+        })
+        .await
+        .expect("subscribe");
+    let publish = |aggregate: &str, v: i64| Envelope::new(aggregate, "t", v, json!({}));
+    staying
+        .publish_envelope(&topic, &publish(hung, 1))
+        .await
+        .expect("publish");
+    for a in &others {
+        staying
+            .publish_envelope(&topic, &publish(a, 1))
+            .await
+            .expect("publish");
+    }
+    started.recv().await.expect("the hung handler started");
+    first
+        .wait_for(others.len(), "the other aggregates' first events")
+        .await;
+    let leaving = tokio::spawn(handle.unsubscribe());
+    let second: Recorder<Envelope> = Recorder::default();
+    staying
+        .subscribe_envelope(&topic, &group, second.envelope_handler())
+        .await
+        .expect("subscribe");
+    for a in &others {
+        staying
+            .publish_envelope(&topic, &publish(a, 2))
+            .await
+            .expect("publish");
+    }
+    second
+        .wait_until(
+            "the other aggregates' second events, on the staying instance",
+            |items| items.iter().filter(|e| e.event_version == 2).count() >= others.len(),
+        )
+        .await;
+    let still_leaving = !leaving.is_finished();
+    gate.add_permits(1);
+    leaving.await.expect("unsubscribe");
+    assert!(
+        still_leaving,
+        "the other partitions moved only after the leaving instance's drain deadline"
+    );
+    leaving_bus.close().await.expect("close");
+    staying.close().await.expect("close");
+}

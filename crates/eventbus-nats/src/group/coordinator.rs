@@ -14,7 +14,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 use super::assignment::owned_partitions;
-use super::{Membership, Owned, PartitionLoad, Restarts};
+use super::{Leaving, Membership, Owned, PartitionLoad, Restarts};
 use crate::naming::{
     consumer_epoch, consumer_name, lease_key, member_key, member_prefix, partition_subject,
 };
@@ -67,6 +67,9 @@ struct Coordinator {
     load: Arc<PartitionLoad>,
     pulling: Arc<Mutex<BTreeSet<u16>>>,
     restarts: Arc<Restarts>,
+    leaving: Arc<Leaving>,
+    /// This instance is off the member list (it began leaving).
+    unlisted: bool,
     assignment: watch::Sender<Arc<Vec<Owned>>>,
     held: BTreeMap<u16, Lease>,
     members: Vec<String>,
@@ -91,6 +94,7 @@ pub(crate) async fn join(
     let load = Arc::new(PartitionLoad::new(spec.partitions));
     let pulling = Arc::new(Mutex::new(BTreeSet::new()));
     let restarts = Arc::new(Restarts::default());
+    let leaving = Arc::new(Leaving::default());
     let (assignment, receiver) = watch::channel(Arc::new(Vec::new()));
     let (stop, stopped) = oneshot::channel();
     let leave_within = spec.lease_ttl;
@@ -108,6 +112,8 @@ pub(crate) async fn join(
         load: load.clone(),
         pulling: pulling.clone(),
         restarts: restarts.clone(),
+        leaving: leaving.clone(),
+        unlisted: false,
         assignment,
         held: BTreeMap::new(),
         lease_value,
@@ -122,6 +128,7 @@ pub(crate) async fn join(
         load,
         pulling,
         restarts,
+        leaving,
         stop: Some(stop),
         task: Some(task),
         leave_within,
@@ -139,19 +146,27 @@ impl Coordinator {
         let mut ticks = tokio::time::interval_at(start, self.spec.heartbeat);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Besides the heartbeat: a restart asked for, or a partition waited on settled.
-        let (restarts, load) = (self.restarts.clone(), self.load.clone());
+        let (restarts, load, leaving) = (
+            self.restarts.clone(),
+            self.load.clone(),
+            self.leaving.clone(),
+        );
         loop {
             tokio::select! {
                 _ = &mut stopped => break,
                 _ = ticks.tick() => self.tick().await,
                 _ = restarts.wake.notified() => self.tick().await,
                 _ = load.drained.notified() => self.tick().await,
+                _ = leaving.wake.notified() => self.tick().await,
             }
         }
         self.leave().await;
     }
 
     async fn tick(&mut self) {
+        if self.leaving.is_set() {
+            return self.tick_leaving().await;
+        }
         self.announce().await;
         self.renew().await;
         self.take_restarts();
@@ -179,6 +194,25 @@ impl Coordinator {
                 self.publish();
             }
         }
+    }
+
+    /// A tick once the subscription stopped fetching: off the member list (so the others
+    /// take the partitions as theirs), nothing taken, every partition given up and released
+    /// as soon as what was dispatched of it is settled; the leases not yet released are
+    /// still renewed meanwhile.
+    async fn tick_leaving(&mut self) {
+        if !self.unlisted {
+            self.unlisted = self.leave_member_list().await;
+        }
+        self.renew().await;
+        for (p, lease) in self.held.iter_mut() {
+            if !lease.revoking {
+                lease.revoking = true;
+                self.load.set_draining(*p, true);
+            }
+        }
+        self.publish();
+        self.release_finished().await;
     }
 
     /// Renews this instance's membership entry and reads the group's members.
@@ -615,6 +649,13 @@ impl Coordinator {
         }
         futures_util::future::join_all(held.iter().map(|(p, l)| self.release(*p, l.revision)))
             .await;
+        if !self.unlisted {
+            self.leave_member_list().await;
+        }
+    }
+
+    /// Takes this instance off the member list; false if that failed (the entry then lapses).
+    async fn leave_member_list(&self) -> bool {
         // Purged, not deleted: a delete marker would keep this instance on the member list
         // (read from the subjects present) until it lapsed.
         let subject = format!(
@@ -623,11 +664,13 @@ impl Coordinator {
             member_key(&self.spec.group, &self.spec.instance)
         );
         let purge = async { self.bucket_stream.purge().filter(subject).await };
-        if !matches!(
+        let done = matches!(
             tokio::time::timeout(self.spec.heartbeat, purge).await,
             Ok(Ok(_))
-        ) {
-            tracing::debug!(group = %self.spec.group, "leaving the member list failed; the entry lapses instead");
+        );
+        if !done {
+            tracing::warn!(group = %self.spec.group, "leaving the member list failed; the entry lapses instead");
         }
+        done
     }
 }

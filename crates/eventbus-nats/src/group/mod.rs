@@ -126,6 +126,25 @@ impl Restarts {
     }
 }
 
+/// Set when the subscription stops fetching: the coordinator stops announcing and taking
+/// partitions, and releases each one as soon as what was dispatched of it is settled.
+#[derive(Default)]
+pub(crate) struct Leaving {
+    flag: AtomicBool,
+    wake: Notify,
+}
+
+impl Leaving {
+    fn begin(&self) {
+        self.flag.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    fn is_set(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+}
+
 /// The subscription's side of its group membership.
 pub(crate) struct Membership {
     /// The partitions to pull now; changes wake the fetcher.
@@ -137,6 +156,7 @@ pub(crate) struct Membership {
     /// Partitions (with their epoch) the fetcher stopped pulling because deliveries of theirs
     /// were lost on the way: the coordinator restarts their consumers at the ack floor.
     restarts: Arc<Restarts>,
+    leaving: Arc<Leaving>,
     /// Sending on it, or dropping it with the membership, tells the coordinator to leave.
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -157,6 +177,13 @@ impl Membership {
     /// assignment with a new epoch.
     pub(crate) fn restart(&self, partition: u16, epoch: u64) {
         self.restarts.request(partition, epoch);
+    }
+
+    /// Fetching has stopped for good: from now on the group is left partition by partition,
+    /// each as soon as its deliveries are settled, so a hung handler holds back its own
+    /// partition only, and no other member waits for [`Self::leave`].
+    pub(crate) fn begin_leaving(&self) {
+        self.leaving.begin();
     }
 
     /// Leaves the group: releases every lease and the membership entry, so other instances
