@@ -585,7 +585,8 @@ impl<T: Transport> Bus<T> {
             handler,
             envelopes,
         ));
-        let (control, stop_rx, done_tx) = SubscriptionControl::new(route.clone());
+        let (control, stop_rx, done_tx) =
+            SubscriptionControl::new(route.clone(), self.inner.config.publish.close_timeout);
         // Registered under the lifecycle lock, re-checking the state after the await above:
         // a close() that started meanwhile has taken the subscription list already.
         let refused = {

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use eventbus_core::ownership::{Ownership, OwnershipToken};
 use eventbus_core::{
-    BrokerPosition, Delivery, Headers, Message, Subscription, SubscriptionSpec, TransportError,
+    BrokerPosition, Delivery, ErrorDetail, Headers, Message, Subscription, SubscriptionSpec,
+    TransportError,
 };
 use futures_util::FutureExt;
 use rdkafka::consumer::{
@@ -437,15 +438,39 @@ impl Subscription for KafkaSubscription {
     }
 
     async fn close(mut self) -> Result<(), TransportError> {
-        self.commit(true);
-        // Leaving the group runs the revoke hook (which commits again, harmlessly) and waits
-        // for the broker: keep that off the runtime's workers.
-        let consumer = self.consumer;
-        blocking(move || {
-            consumer.unsubscribe();
-            drop(consumer);
-        });
-        Ok(())
+        // The last commit, leaving the group (which runs the revoke hook) and closing the
+        // client all wait for the group coordinator, with no deadline of librdkafka's own
+        // short of `socket.timeout.ms` per request. They run on a thread of their own; the
+        // fetcher waits for it at most `drain_timeout`, so close and unsubscribe stay bounded
+        // when the coordinator does not answer (the consumer then goes on leaving in the
+        // background, and the group moves its partitions after the session timeout).
+        let wait = self.shared.drain_timeout;
+        let topic = self.topic.clone();
+        let (left, leaving) = tokio::sync::oneshot::channel();
+        let closing = std::thread::Builder::new()
+            .name("eventbus-kafka-close".into())
+            .spawn(move || {
+                self.commit(true);
+                self.consumer.unsubscribe();
+                drop(self);
+                let _ = left.send(());
+            });
+        if let Err(e) = closing {
+            return Err(TransportError::Other(ErrorDetail::with_source(
+                "cannot start a thread to close the consumer".to_string(),
+                e,
+            )));
+        }
+        match tokio::time::timeout(wait, leaving).await {
+            Ok(_) => Ok(()),
+            Err(_) => {
+                tracing::warn!(%topic, ?wait, "the consumer did not leave its group in time (coordinator unreachable?); it goes on leaving in the background");
+                Err(TransportError::Timeout(
+                    format!("the consumer of {topic} did not leave its group within {wait:?}")
+                        .into(),
+                ))
+            }
+        }
     }
 }
 

@@ -438,3 +438,54 @@ async fn a_revoked_member_starts_none_of_its_backlog_after_the_revoke() {
         })
         .await;
 }
+
+/// `close()` is bounded when the group coordinator stops answering: the subscription's
+/// consumer cannot commit or leave the group (librdkafka waits up to its socket timeout,
+/// 60 s), and the bus returns within its close deadline anyway, leaving no task behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_is_bounded_when_the_coordinator_stops_answering() {
+    let local = tokio::task::LocalSet::new();
+    local
+        .run_until(async {
+            let cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext> =
+                MockCluster::new(1).expect("mock cluster");
+            let topic = unique("kclose");
+            let group = unique("svc");
+            cluster.create_topic(&topic, 2, 1).expect("create topic");
+            let mut c = KafkaConfig::new(cluster.bootstrap_servers());
+            c.topic.partitions = 2;
+            c.consumer.session_timeout = Duration::from_secs(6);
+            let close_timeout = Duration::from_secs(3);
+            let baseline = eventbus_core::testkit::tasks_and_rss().0;
+            let bus = Bus::new(
+                KafkaTransport::connect(c).await.expect("connect"),
+                kit_config().with_close_timeout(close_timeout),
+            )
+            .expect("bus");
+            let handled: Recorder<Envelope> = Recorder::default();
+            bus.subscribe_envelope(&topic, &group, handled.envelope_handler())
+                .await
+                .expect("subscribe");
+            let e = Envelope::new("agg", "t", 1, json!({}));
+            bus.publish_envelope(&topic, &e).await.expect("publish");
+            handled.wait_for(1, "the event").await;
+            // Every request to the only broker (the coordinator) now takes two minutes.
+            cluster
+                .broker_round_trip_time(1, Duration::from_secs(120))
+                .expect("rtt");
+            let started = Instant::now();
+            let closed = tokio::time::timeout(close_timeout * 4, bus.close()).await;
+            let took = started.elapsed();
+            eprintln!("[close kafka mock] coordinator unanswering: close took {took:?} (deadline {close_timeout:?})");
+            assert!(closed.is_ok(), "close still running after {took:?}");
+            // One task is rdkafka's own, tied to its consumer, which goes on leaving the group
+            // in the background until librdkafka gives up on the coordinator; none of the
+            // bus's may be left (before, the fetcher went on detached).
+            let left = eventbus_core::testkit::tasks_released(baseline + 1).await;
+            assert!(
+                left <= baseline + 1,
+                "{left} tasks alive after close, {baseline} before the bus"
+            );
+        })
+        .await;
+}

@@ -4,6 +4,7 @@
 mod fetcher;
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -18,11 +19,14 @@ pub(crate) struct SubscriptionControl {
     pub(crate) done: watch::Receiver<bool>,
     fetcher: Mutex<Option<JoinHandle<()>>>,
     route: Arc<Route>,
+    /// Longest an `unsubscribe` waits for the fetcher (the bus's close deadline).
+    deadline: Duration,
 }
 
 impl SubscriptionControl {
     pub(crate) fn new(
         route: Arc<Route>,
+        deadline: Duration,
     ) -> (Arc<Self>, watch::Receiver<bool>, watch::Sender<bool>) {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (done_tx, done_rx) = watch::channel(false);
@@ -31,6 +35,7 @@ impl SubscriptionControl {
             done: done_rx,
             fetcher: Mutex::new(None),
             route,
+            deadline,
         });
         (control, stop_rx, done_tx)
     }
@@ -64,17 +69,27 @@ impl SubscriptionControl {
     pub(crate) async fn stop_and_wait(&self) {
         self.route.stop();
         let _ = self.stop.send(true);
-        // Await the task itself, so it is gone (not just finishing) when we return; a second
-        // caller (unsubscribe racing close) waits for the done flag instead.
+        // The done flag is the fetcher's last step (or its sender is dropped if it ended
+        // otherwise). The task's handle stays here meanwhile, so a caller giving up (the
+        // close deadline) can still abort it.
+        let mut done = self.done.clone();
+        let _ = done.wait_for(|d| *d).await;
+        // Then await the task itself, so it is gone (not just finishing) when we return.
         let fetcher = self.fetcher.lock().ok().and_then(|mut f| f.take());
-        match fetcher {
-            Some(task) => {
-                let _ = task.await;
-            }
-            None => {
-                let mut done = self.done.clone();
-                let _ = done.wait_for(|d| *d).await;
-            }
+        if let Some(task) = fetcher {
+            let _ = task.await;
+        }
+    }
+
+    /// [`Self::stop_and_wait`] within the close deadline; past it the fetcher is ended.
+    pub(crate) async fn stop_within_deadline(&self) {
+        if tokio::time::timeout(self.deadline, self.stop_and_wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(topic = %self.route.topic, group = %self.route.group,
+                "the subscription did not stop before the close deadline; ending its fetcher");
+            self.abort().await;
         }
     }
 
@@ -131,8 +146,10 @@ impl SubscriptionHandle {
     }
 
     /// Stops fetching, hands messages fetched but not started back to the broker, waits for
-    /// running handlers to finish and be settled, and leaves the group.
+    /// running handlers to finish and be settled, and leaves the group — all within the
+    /// bus's close deadline ([`crate::PublishConfig::close_timeout`]); past it the fetcher is
+    /// ended and unsettled messages are redelivered by the broker.
     pub async fn unsubscribe(self) {
-        self.control.stop_and_wait().await;
+        self.control.stop_within_deadline().await;
     }
 }
