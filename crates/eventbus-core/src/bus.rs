@@ -141,11 +141,7 @@ impl Publication {
     }
 
     /// Adds a header.
-    pub fn header<N: AsRef<str> + Into<String>>(
-        mut self,
-        name: N,
-        value: impl Into<String>,
-    ) -> Self {
+    pub fn header<N: AsRef<str> + Into<String>>(mut self, name: N, value: impl AsRef<str>) -> Self {
         self.headers.insert(name, value);
         self
     }

@@ -147,16 +147,31 @@ impl Envelope {
 
     /// The routing headers of this envelope (`X-Event-ID`, `X-Aggregate-ID`, ...).
     pub fn headers(&self) -> Headers {
+        /// Longest `i64` in decimal, and an RFC 3339 UTC timestamp with nanoseconds.
+        const VERSION_BYTES: usize = 20;
+        const TIMESTAMP_BYTES: usize = 30;
         let optional = [&self.trace_id, &self.correlation_id, &self.tenant_id];
-        // Exactly as many entries as there are headers: the map lives until the broker's ACK.
-        let mut h = Headers::with_capacity(5 + optional.iter().filter(|v| v.is_some()).count());
-        h.push_known(headers::EVENT_ID, self.event_id.clone());
-        h.push_known(headers::AGGREGATE_ID, self.aggregate_id.clone());
-        h.push_known(headers::EVENT_TYPE, self.event_type.clone());
-        h.push_known(headers::EVENT_VERSION, self.event_version.to_string());
+        // Exactly as many entries as there are headers, and their values in one buffer: the
+        // map lives until the broker's ACK.
+        let entries = 5 + optional.iter().filter(|v| v.is_some()).count();
+        let bytes = self.event_id.len()
+            + self.aggregate_id.len()
+            + self.event_type.len()
+            + VERSION_BYTES
+            + TIMESTAMP_BYTES
+            + optional
+                .iter()
+                .filter_map(|v| v.as_ref())
+                .map(String::len)
+                .sum::<usize>();
+        let mut h = Headers::with_capacity_for(entries, bytes);
+        h.push_known(headers::EVENT_ID, &self.event_id);
+        h.push_known(headers::AGGREGATE_ID, &self.aggregate_id);
+        h.push_known(headers::EVENT_TYPE, &self.event_type);
+        h.push_known_display(headers::EVENT_VERSION, self.event_version);
         h.push_known(
             headers::TIMESTAMP,
-            self.timestamp.to_rfc3339_opts(SecondsFormat::Nanos, true),
+            &self.timestamp.to_rfc3339_opts(SecondsFormat::Nanos, true),
         );
         for (name, value) in [
             (headers::TRACE_ID, &self.trace_id),
@@ -164,7 +179,7 @@ impl Envelope {
             (headers::TENANT_ID, &self.tenant_id),
         ] {
             if let Some(v) = value {
-                h.push_known(name, v.clone());
+                h.push_known(name, v);
             }
         }
         h

@@ -90,10 +90,30 @@ impl Name {
 /// h.insert("X-Trace-ID", "t-1");
 /// assert_eq!(h.get("x-trace-id"), Some("t-1"));
 /// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// Every value lives in one text buffer (an entry keeps its range), so a map built with
+/// [`Headers::with_capacity_for`] from a broker's headers costs two allocations whatever the
+/// number of headers, not one per value. A replaced or removed value's bytes stay in the
+/// buffer until the map is dropped.
+#[derive(Clone, Default)]
 pub struct Headers {
-    entries: Vec<(Name, String)>,
+    entries: Vec<(Name, usize, usize)>,
+    text: String,
 }
+
+impl std::fmt::Debug for Headers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl PartialEq for Headers {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for Headers {}
 
 impl Headers {
     /// An empty header map.
@@ -105,27 +125,61 @@ impl Headers {
     pub fn with_capacity(n: usize) -> Self {
         Self {
             entries: Vec::with_capacity(n),
+            text: String::new(),
         }
     }
 
+    /// An empty header map with room for `entries` headers whose values take `value_bytes`
+    /// in all: filling it allocates nothing more.
+    pub fn with_capacity_for(entries: usize, value_bytes: usize) -> Self {
+        Self {
+            entries: Vec::with_capacity(entries),
+            text: String::with_capacity(value_bytes),
+        }
+    }
+
+    /// `value` appended to the text buffer: its range.
+    fn store(&mut self, value: &str) -> (usize, usize) {
+        let start = self.text.len();
+        self.text.push_str(value);
+        (start, self.text.len())
+    }
+
+    fn position(&self, name: &str) -> Option<usize> {
+        self.entries
+            .iter()
+            .position(|(n, _, _)| n.as_str().eq_ignore_ascii_case(name))
+    }
+
     /// Sets `name` to `value`, replacing an existing value of the same name.
-    pub fn insert<N: AsRef<str> + Into<String>>(&mut self, name: N, value: impl Into<String>) {
-        let value = value.into();
-        match self
-            .entries
-            .iter_mut()
-            .find(|(n, _)| n.as_str().eq_ignore_ascii_case(name.as_ref()))
-        {
-            Some(entry) => entry.1 = value,
-            None => self.entries.push((Name::new(name), value)),
+    pub fn insert<N: AsRef<str> + Into<String>>(&mut self, name: N, value: impl AsRef<str>) {
+        let (start, end) = self.store(value.as_ref());
+        match self.position(name.as_ref()) {
+            Some(i) => {
+                self.entries[i].1 = start;
+                self.entries[i].2 = end;
+            }
+            None => self.entries.push((Name::new(name), start, end)),
         }
     }
 
     /// Appends a well-known header the map does not have yet: no lookup, no name allocation.
     /// For building fresh maps (the caller knows the names are distinct).
-    pub(crate) fn push_known(&mut self, name: &'static str, value: String) {
+    pub(crate) fn push_known(&mut self, name: &'static str, value: &str) {
         debug_assert!(self.get(name).is_none(), "{name} set twice");
-        self.entries.push((Name::Known(name), value));
+        let (start, end) = self.store(value);
+        self.entries.push((Name::Known(name), start, end));
+    }
+
+    /// [`Self::push_known`] with `value` written as text straight into the buffer.
+    pub(crate) fn push_known_display(&mut self, name: &'static str, value: impl std::fmt::Display) {
+        use std::fmt::Write as _;
+        debug_assert!(self.get(name).is_none(), "{name} set twice");
+        let start = self.text.len();
+        // Writing into a String cannot fail.
+        let _ = write!(self.text, "{value}");
+        self.entries
+            .push((Name::Known(name), start, self.text.len()));
     }
 
     /// Sets `name` to `value` unless it already has that value (no allocation then).
@@ -137,33 +191,34 @@ impl Headers {
 
     /// The value of `name`, if present.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.entries
-            .iter()
-            .find(|(n, _)| n.as_str().eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.position(name)
+            .map(|i| &self.text[self.entries[i].1..self.entries[i].2])
     }
 
     /// Removes `name` and returns its value.
     pub fn remove(&mut self, name: &str) -> Option<String> {
-        let idx = self
-            .entries
-            .iter()
-            .position(|(n, _)| n.as_str().eq_ignore_ascii_case(name))?;
-        Some(self.entries.remove(idx).1)
+        let i = self.position(name)?;
+        let (_, start, end) = self.entries.remove(i);
+        Some(self.text[start..end].to_string())
     }
 
     /// Iterates over `(name, value)` pairs in insertion order; the name is `'static` for the
     /// [`WELL_KNOWN`] ones, so transports can skip copying it.
     pub fn iter_known(&self) -> impl Iterator<Item = (Option<&'static str>, &str, &str)> {
-        self.entries.iter().map(|(n, v)| match n {
-            Name::Known(k) => (Some(*k), *k, v.as_str()),
-            Name::Other(o) => (None, o.as_str(), v.as_str()),
+        self.entries.iter().map(|(n, start, end)| {
+            let v = &self.text[*start..*end];
+            match n {
+                Name::Known(k) => (Some(*k), *k, v),
+                Name::Other(o) => (None, o.as_str(), v),
+            }
         })
     }
 
     /// Iterates over `(name, value)` pairs in insertion order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.entries.iter().map(|(n, v)| (n.as_str(), v.as_str()))
+        self.entries
+            .iter()
+            .map(|(n, start, end)| (n.as_str(), &self.text[*start..*end]))
     }
 
     /// Number of headers.
@@ -180,7 +235,7 @@ impl Headers {
     pub fn wire_len(&self) -> usize {
         self.entries
             .iter()
-            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .map(|(n, start, end)| n.as_str().len() + (end - start) + 4)
             .sum()
     }
 }
@@ -208,7 +263,7 @@ pub fn validate(headers: &Headers) -> Result<(), crate::TransportError> {
     Ok(())
 }
 
-impl<K: AsRef<str> + Into<String>, V: Into<String>> FromIterator<(K, V)> for Headers {
+impl<K: AsRef<str> + Into<String>, V: AsRef<str>> FromIterator<(K, V)> for Headers {
     fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
         let mut h = Headers::new();
         for (k, v) in iter {
@@ -231,6 +286,22 @@ mod tests {
         assert_eq!(h.get(EVENT_ID), Some("b"));
         assert_eq!(h.remove("X-EVENT-ID").as_deref(), Some("b"));
         assert!(h.is_empty());
+    }
+
+    #[test]
+    fn replaced_and_removed_values_read_back_right() {
+        let mut h = Headers::with_capacity_for(2, 8);
+        h.insert("A", "one");
+        h.insert("B", "two");
+        h.insert("a", "three");
+        assert_eq!(h.get("A"), Some("three"));
+        assert_eq!(h.remove("b").as_deref(), Some("two"));
+        h.insert("C", "four");
+        let all: Vec<_> = h.iter().collect();
+        assert_eq!(all, [("A", "three"), ("C", "four")]);
+        let same: Headers = [("A", "three"), ("C", "four")].into_iter().collect();
+        assert_eq!(h, same, "equal by content, whatever the buffer holds");
+        assert_eq!(format!("{h:?}"), r#"{"A": "three", "C": "four"}"#);
     }
 
     #[test]

@@ -300,10 +300,13 @@ impl KafkaSubscription {
         }
         let mut headers = Headers::new();
         if let Some(h) = m.headers() {
+            // Every value in one buffer; a valid UTF-8 value is not copied on the way.
+            let bytes = h.iter().map(|x| x.value.map_or(0, <[u8]>::len)).sum();
+            headers = Headers::with_capacity_for(h.count(), bytes);
             for header in h.iter() {
                 let value = header
                     .value
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .map(String::from_utf8_lossy)
                     .unwrap_or_default();
                 headers.insert(header.key, value);
             }

@@ -394,7 +394,13 @@ pub(crate) fn headers_from(map: Option<&HeaderMap>) -> Headers {
     let Some(map) = map else {
         return Headers::new();
     };
-    let mut h = Headers::with_capacity(map.len());
+    // Every value in one buffer: two allocations whatever the number of headers.
+    let bytes = map
+        .iter()
+        .filter_map(|(_, values)| values.first())
+        .map(|v| v.as_str().len())
+        .sum();
+    let mut h = Headers::with_capacity_for(map.len(), bytes);
     for (name, values) in map.iter() {
         if let Some(v) = values.first() {
             h.insert(name.as_ref() as &str, v.as_str());
