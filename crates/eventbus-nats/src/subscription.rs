@@ -386,7 +386,7 @@ impl Subscription for NatsSubscription {
                     batch.extend(self.accept(idx, m));
                 }
                 Some(Some(Err(e))) => {
-                    tracing::debug!(error = %e, "pull stream error after a batch");
+                    tracing::warn!(topic = %self.topic, error = %e, "pull stream error after a batch");
                     idle += 1;
                 }
                 Some(None) => {

@@ -173,7 +173,7 @@ impl Coordinator {
         let mine = owned_partitions(&self.members, &self.spec.instance, self.spec.partitions);
         for (p, lease) in self.held.iter_mut() {
             if !mine.contains(p) && !lease.revoking {
-                tracing::debug!(group = %self.spec.group, partition = p, "giving the partition up");
+                tracing::info!(group = %self.spec.group, partition = p, "giving the partition up");
                 lease.revoking = true;
                 self.load.set_draining(*p, true);
             }
@@ -252,8 +252,11 @@ impl Coordinator {
         };
         match tokio::time::timeout(self.spec.heartbeat, list).await {
             Ok(Ok(members)) => self.members = members,
-            Ok(Err(e)) => tracing::debug!(error = %e, "listing group members"),
-            Err(_) => tracing::debug!("listing group members timed out"),
+            // The assignment is computed from the last list read: it may move partitions.
+            Ok(Err(e)) => tracing::warn!(group = %self.spec.group, error = %e,
+                "cannot list the group's members; keeping the last list"),
+            Err(_) => tracing::warn!(group = %self.spec.group,
+                "listing the group's members timed out; keeping the last list"),
         }
     }
 
@@ -472,11 +475,11 @@ impl Coordinator {
         let delete = self.kv.delete_expect_revision(&key, Some(revision));
         match tokio::time::timeout(self.spec.heartbeat, delete).await {
             Ok(Ok(())) => {
-                tracing::debug!(group = %self.spec.group, partition, "partition released")
+                tracing::info!(group = %self.spec.group, partition, "partition released")
             }
-            Ok(Err(e)) => tracing::debug!(group = %self.spec.group, partition, error = %e,
+            Ok(Err(e)) => tracing::warn!(group = %self.spec.group, partition, error = %e,
                 "releasing a lease failed; it lapses instead"),
-            Err(_) => tracing::debug!(group = %self.spec.group, partition,
+            Err(_) => tracing::warn!(group = %self.spec.group, partition,
                 "releasing a lease timed out; it lapses instead"),
         }
     }
@@ -490,7 +493,8 @@ impl Coordinator {
             Ok(Ok(r)) => r,
             Ok(Err(e)) if e.kind() == CreateErrorKind::AlreadyExists => return,
             Ok(Err(e)) => {
-                tracing::debug!(group = %self.spec.group, partition, error = %e, "taking a lease");
+                tracing::warn!(group = %self.spec.group, partition, error = %e,
+                    "cannot take the partition's lease; trying again at the next heartbeat");
                 return;
             }
             // Taken or not, unknown: if it was, it lapses unrenewed.
@@ -500,7 +504,7 @@ impl Coordinator {
         match self.ready_owned(partition, revision, valid_until).await {
             Ok(owned) => {
                 self.load.set_draining(partition, false);
-                tracing::debug!(group = %self.spec.group, partition, "partition taken");
+                tracing::info!(group = %self.spec.group, partition, "partition taken");
                 self.held.insert(
                     partition,
                     Lease {
