@@ -21,7 +21,7 @@ use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
 use crate::offsets::OffsetTracker;
-use crate::transport::{blocking, can_block, kafka_error};
+use crate::transport::{blocking, can_block, kafka_error, LinkState};
 
 /// How often a revocation checks whether the revoked partitions' messages are settled.
 const DRAIN_POLL: Duration = Duration::from_millis(5);
@@ -234,6 +234,8 @@ pub struct KafkaSubscription {
     last_commit: Instant,
     /// The transport's closed flag: once set, `fetch` returns `Closed`.
     transport_closed: Arc<AtomicBool>,
+    /// The transport's reachability: a record received shows the brokers answer again.
+    link: LinkState,
 }
 
 impl KafkaSubscription {
@@ -241,6 +243,7 @@ impl KafkaSubscription {
         config: &KafkaConfig,
         spec: SubscriptionSpec,
         transport_closed: Arc<AtomicBool>,
+        link: LinkState,
     ) -> Result<Self, TransportError> {
         let c = &config.consumer;
         let mut cc = config.base();
@@ -287,6 +290,7 @@ impl KafkaSubscription {
             commit_interval: c.commit_interval,
             last_commit: Instant::now(),
             transport_closed,
+            link,
         })
     }
 
@@ -411,6 +415,8 @@ impl Subscription for KafkaSubscription {
             Ok(Err(e)) => return Err(kafka_error("consume", &e)),
             Ok(Ok(m)) => self.delivery(&m),
         };
+        // A consume-only bus learns here that its brokers are back (no delivery reports).
+        self.link.answered();
         batch.extend(first);
         while batch.len() < max {
             let next = match self.consumer.recv().now_or_never() {

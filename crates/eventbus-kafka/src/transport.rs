@@ -33,13 +33,18 @@ const CONNECTED: u8 = 0;
 const BROKERS_DOWN: u8 = 1;
 
 /// Tracks reachability from librdkafka's error events: "all brokers down" marks the bus
-/// reconnecting; the next successful delivery marks it connected again.
+/// reconnecting; the next successful delivery, or the next record a consumer receives, marks
+/// it connected again.
 #[derive(Clone, Default)]
 pub struct LinkState(Arc<AtomicU8>);
 
 impl LinkState {
     fn set(&self, v: u8) {
         self.0.store(v, Ordering::Relaxed);
+    }
+    /// A broker answered (a delivery report, a record received): reachable again.
+    pub(crate) fn answered(&self) {
+        self.set(CONNECTED);
     }
     fn get(&self) -> u8 {
         self.0.load(Ordering::Relaxed)
@@ -378,7 +383,7 @@ impl Transport for KafkaTransport {
         if self.closed.load(Ordering::Acquire) {
             return Err(TransportError::Closed);
         }
-        KafkaSubscription::create(&self.config, spec, self.closed.clone())
+        KafkaSubscription::create(&self.config, spec, self.closed.clone(), self.link.clone())
     }
 
     async fn lag(&self, topic: &str, group: &str) -> Result<Option<Lag>, TransportError> {

@@ -17,7 +17,7 @@ use eventbus_core::testkit::{
     captured_log, every_event_handled, kit_config, ordering_violations, unique, GroupLedger,
     Recorder,
 };
-use eventbus_core::{Bus, Envelope};
+use eventbus_core::{Bus, ConnectionState, Envelope};
 use eventbus_kafka::{KafkaConfig, KafkaTransport};
 use rdkafka::mocking::{MockCluster, MockCoordinator};
 use serde_json::json;
@@ -486,6 +486,69 @@ async fn close_is_bounded_when_the_coordinator_stops_answering() {
                 left <= baseline + 1,
                 "{left} tasks alive after close, {baseline} before the bus"
             );
+        })
+        .await;
+}
+
+/// A bus that only consumes shows `Connected` again once its broker is back and messages flow.
+/// Before, health was set back only by a delivery report, so a consume-only bus stayed
+/// `Reconnecting` after one outage however much it handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consume_only_bus_is_connected_again_after_an_outage() {
+    let local = tokio::task::LocalSet::new();
+    local
+        .run_until(async {
+            let cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext> =
+                MockCluster::new(1).expect("mock cluster");
+            let topic = unique("khealth");
+            let group = unique("svc");
+            cluster.create_topic(&topic, 1, 1).expect("create topic");
+            let config = || {
+                let mut c = KafkaConfig::new(cluster.bootstrap_servers());
+                c.topic.partitions = 1;
+                c.consumer.session_timeout = Duration::from_secs(6);
+                c
+            };
+            let consumer = Bus::new(
+                KafkaTransport::connect(config()).await.expect("connect"),
+                kit_config(),
+            )
+            .expect("bus");
+            let handled: Recorder<Envelope> = Recorder::default();
+            consumer
+                .subscribe_envelope(&topic, &group, handled.envelope_handler())
+                .await
+                .expect("subscribe");
+            cluster.broker_down(1).expect("broker down");
+            let reconnecting = async {
+                while consumer.health().state != ConnectionState::Reconnecting {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            };
+            eventbus_core::testkit::hang_guard("health showing the outage", reconnecting).await;
+            cluster.broker_up(1).expect("broker up");
+            // Another bus publishes; this one only consumes.
+            let publisher = Bus::new(
+                KafkaTransport::connect(config()).await.expect("connect"),
+                kit_config(),
+            )
+            .expect("bus");
+            for v in 1..=3 {
+                let e = Envelope::new("agg", "t", v, json!({}));
+                publisher
+                    .publish_envelope(&topic, &e)
+                    .await
+                    .expect("publish");
+            }
+            publisher.flush().await.expect("flush");
+            handled.wait_for(3, "the events after the outage").await;
+            let state = consumer.health().state;
+            eprintln!(
+                "[health kafka mock] consume-only bus after an outage, 3 events handled: {state:?}"
+            );
+            publisher.close().await.expect("close");
+            consumer.close().await.expect("close");
+            assert_eq!(state, ConnectionState::Connected);
         })
         .await;
 }
