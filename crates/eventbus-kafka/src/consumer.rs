@@ -19,9 +19,10 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers as _};
 use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
 
+use crate::commit::Committer;
 use crate::config::KafkaConfig;
 use crate::offsets::OffsetTracker;
-use crate::transport::{blocking, can_block, kafka_error, LinkState};
+use crate::transport::{blocking, kafka_error, LinkState};
 
 /// How often a revocation checks whether the revoked partitions' messages are settled.
 const DRAIN_POLL: Duration = Duration::from_millis(5);
@@ -140,6 +141,12 @@ impl Shared {
     /// The broker refused a commit (or it never got there): the points of `list` count as
     /// uncommitted again, so the next commit interval sends them even on an idle partition.
     fn commit_failed(&self, topic: &str, list: &TopicPartitionList, error: &KafkaError) {
+        let points = self.commit_deferred(topic, list);
+        tracing::warn!(%topic, %error, offsets = ?points, "offset commit failed; sent again at the next commit interval");
+    }
+
+    /// The points of `list` were not committed (yet): pending again; returns them.
+    fn commit_deferred(&self, topic: &str, list: &TopicPartitionList) -> Vec<(i32, i64)> {
         let points: Vec<(i32, i64)> = list
             .elements_for_topic(topic)
             .iter()
@@ -148,13 +155,11 @@ impl Shared {
                 _ => None,
             })
             .collect();
-        {
-            let mut t = lock(&self.tracker);
-            for (p, o) in &points {
-                t.commit_failed(*p, *o);
-            }
+        let mut t = lock(&self.tracker);
+        for (p, o) in &points {
+            t.commit_failed(*p, *o);
         }
-        tracing::warn!(%topic, %error, offsets = ?points, "offset commit failed; sent again at the next commit interval");
+        points
     }
 }
 
@@ -227,7 +232,10 @@ impl ConsumerContext for GroupContext {
 
 /// A member of a Kafka consumer group, read by one fetcher.
 pub struct KafkaSubscription {
-    consumer: StreamConsumer<GroupContext>,
+    /// Shared with the committer thread.
+    consumer: Arc<StreamConsumer<GroupContext>>,
+    /// Commits off the fetcher, so a slow group coordinator never stops fetching.
+    committer: Committer,
     shared: Arc<Shared>,
     topic: Arc<str>,
     commit_interval: Duration,
@@ -283,8 +291,24 @@ impl KafkaSubscription {
         consumer
             .subscribe(&[&spec.topic])
             .map_err(|e| kafka_error(&format!("subscribe to {}", spec.topic), &e))?;
+        let consumer = Arc::new(consumer);
+        let committer = {
+            let (consumer, shared, t) = (consumer.clone(), shared.clone(), topic.clone());
+            Committer::start(
+                &spec.topic,
+                move |list| consumer.commit(list, CommitMode::Sync),
+                move |list, e| shared.commit_failed(&t, list, e),
+            )
+            .map_err(|e| {
+                TransportError::Other(ErrorDetail::with_source(
+                    "cannot start the consumer's commit thread".to_string(),
+                    e,
+                ))
+            })?
+        };
         Ok(Self {
             consumer,
+            committer,
             shared,
             topic,
             commit_interval: c.commit_interval,
@@ -365,12 +389,11 @@ impl KafkaSubscription {
             .collect()
     }
 
-    /// Commits the points that moved; a refused one is sent again next time. Synchronous
-    /// (`Sync`, off the runtime's other tasks) so that a refusal is seen: rdkafka reports an
-    /// asynchronous commit's result to no one (librdkafka only logs it), and a refused commit
-    /// counted as done left an idle partition's committed position behind. On a
-    /// current-thread runtime, where a blocking call would stall every task, `Async` (only
-    /// an immediate error is seen) except on close.
+    /// Commits the points that moved; a refused one is sent again next time. While
+    /// fetching, the commit goes to the committer thread (synchronous there, so a refusal
+    /// is seen; the fetcher does not wait for the coordinator); if a commit is already
+    /// waiting there, the points stay pending for the next interval. On close, here and
+    /// synchronously (after the committer stopped, so no older commit lands after it).
     fn commit(&mut self, closing: bool) {
         let commits = lock(&self.shared.tracker).take_commits();
         self.last_commit = Instant::now();
@@ -381,13 +404,12 @@ impl KafkaSubscription {
         for (p, offset) in commits {
             let _ = list.add_partition_offset(&self.topic, p, Offset::Offset(offset));
         }
-        let result = if closing || can_block() {
-            blocking(|| self.consumer.commit(&list, CommitMode::Sync))
-        } else {
-            self.consumer.commit(&list, CommitMode::Async)
-        };
-        if let Err(e) = result {
-            self.shared.commit_failed(&self.topic, &list, &e);
+        if closing {
+            if let Err(e) = blocking(|| self.consumer.commit(&list, CommitMode::Sync)) {
+                self.shared.commit_failed(&self.topic, &list, &e);
+            }
+        } else if let Err(list) = self.committer.send(list) {
+            self.shared.commit_deferred(&self.topic, &list);
         }
     }
 }
@@ -459,6 +481,8 @@ impl Subscription for KafkaSubscription {
         let closing = std::thread::Builder::new()
             .name("eventbus-kafka-close".into())
             .spawn(move || {
+                // The committer's last commit first, so no older one lands after ours.
+                self.committer.stop();
                 self.commit(true);
                 self.consumer.unsubscribe();
                 drop(self);

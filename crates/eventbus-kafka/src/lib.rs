@@ -21,6 +21,7 @@
 //! # }
 //! ```
 
+mod commit;
 mod config;
 mod consumer;
 mod lag;

@@ -552,3 +552,64 @@ async fn a_consume_only_bus_is_connected_again_after_an_outage() {
         })
         .await;
 }
+
+/// A group coordinator that stops answering does not stop consumption: commits wait for it on
+/// a thread of their own. Two brokers: the partition's leader answers, the coordinator takes
+/// two minutes per request. Before, the fetcher committed synchronously every interval and
+/// waited with the commit, so nothing more was fetched until the coordinator answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_coordinator_does_not_stop_consumption() {
+    let local = tokio::task::LocalSet::new();
+    local
+        .run_until(async {
+            let cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext> =
+                MockCluster::new(2).expect("mock cluster");
+            let topic = unique("kslowcoord");
+            let group = unique("svc");
+            cluster.create_topic(&topic, 1, 1).expect("create topic");
+            cluster
+                .partition_leader(&topic, 0, Some(1))
+                .expect("leader");
+            cluster
+                .coordinator(MockCoordinator::Group(group.clone()), 2)
+                .expect("coordinator");
+            let mut c = KafkaConfig::new(cluster.bootstrap_servers());
+            c.topic.partitions = 1;
+            c.consumer.session_timeout = Duration::from_secs(6);
+            c.consumer.commit_interval = Duration::from_millis(100);
+            let bus = Bus::new(
+                KafkaTransport::connect(c).await.expect("connect"),
+                kit_config().with_close_timeout(Duration::from_secs(3)),
+            )
+            .expect("bus");
+            let handled: Recorder<Envelope> = Recorder::default();
+            bus.subscribe_envelope(&topic, &group, handled.envelope_handler())
+                .await
+                .expect("subscribe");
+            let e = Envelope::new("agg", "t", 1, json!({}));
+            bus.publish_envelope(&topic, &e).await.expect("publish");
+            handled.wait_for(1, "the first event").await;
+            // The coordinator now takes two minutes per request (longer than the kit's hang
+            // guard): a commit waited for blocks everything behind it.
+            cluster
+                .broker_round_trip_time(2, Duration::from_secs(120))
+                .expect("rtt");
+            for round in 0..3 {
+                // Pacing only: a commit interval passes between rounds.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                for v in 0..5 {
+                    let e = Envelope::new("agg", "t", 2 + round * 5 + v, json!({}));
+                    bus.publish_envelope(&topic, &e).await.expect("publish");
+                }
+            }
+            handled
+                .wait_for(16, "events handled while the coordinator is slow")
+                .await;
+            eprintln!(
+                "[commits kafka mock] 15 events handled with the coordinator at a 120 s round trip"
+            );
+            let closed = tokio::time::timeout(Duration::from_secs(10), bus.close()).await;
+            assert!(closed.is_ok(), "close not bounded");
+        })
+        .await;
+}
