@@ -33,14 +33,27 @@ pub struct Security {
     pub ssl_key_password: Option<Secret>,
 }
 
+/// The most copies a new topic gets by default (Kafka's usual production setting).
+pub const DEFAULT_MAX_REPLICATION: i32 = 3;
+
+/// The replication factor of a new topic on a cluster of `brokers` brokers when none is
+/// configured: one copy per broker, at most [`DEFAULT_MAX_REPLICATION`].
+pub fn default_replication(brokers: usize) -> i32 {
+    i32::try_from(brokers)
+        .unwrap_or(i32::MAX)
+        .clamp(1, DEFAULT_MAX_REPLICATION)
+}
+
 /// How topics are created (through the admin API; broker auto-create is never relied on).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TopicSettings {
     /// Partitions of new topics (default 16): the ceiling of consumer parallelism per group.
     pub partitions: i32,
-    /// Replication factor (default 1: a single broker here).
-    pub replication: i32,
+    /// Replication factor of new topics (default `None`: as many copies as the cluster has
+    /// brokers, at most [`DEFAULT_MAX_REPLICATION`] — 1 on a single broker, 3 on a cluster of
+    /// three or more, so `acks=all` keeps three copies where it can).
+    pub replication: Option<i32>,
     /// `retention.ms` of new topics (default: the broker's).
     pub retention_ms: Option<i64>,
 }
@@ -49,7 +62,7 @@ impl Default for TopicSettings {
     fn default() -> Self {
         Self {
             partitions: 16,
-            replication: 1,
+            replication: None,
             retention_ms: None,
         }
     }
@@ -310,6 +323,16 @@ impl KafkaConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_topics_get_a_copy_per_broker_up_to_three() {
+        assert_eq!(default_replication(0), 1);
+        assert_eq!(default_replication(1), 1);
+        assert_eq!(default_replication(2), 2);
+        assert_eq!(default_replication(3), 3);
+        assert_eq!(default_replication(5), 3);
+        assert_eq!(TopicSettings::default().replication, None);
+    }
 
     #[test]
     fn secret_extra_properties_are_not_printed() {

@@ -29,8 +29,8 @@ mod offsets;
 mod transport;
 
 pub use config::{
-    ConsumerSettings, KafkaConfig, ProducerSettings, Security, TopicSettings, DEFAULT_FETCH_WAIT,
-    DEFAULT_PREFETCH_KBYTES,
+    default_replication, ConsumerSettings, KafkaConfig, ProducerSettings, Security, TopicSettings,
+    DEFAULT_FETCH_WAIT, DEFAULT_MAX_REPLICATION, DEFAULT_PREFETCH_KBYTES,
 };
 pub use consumer::{GroupContext, KafkaDelivery, KafkaSubscription};
 pub use offsets::OffsetTracker;

@@ -21,7 +21,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
 use tokio::sync::OnceCell;
 
-use crate::config::KafkaConfig;
+use crate::config::{default_replication, KafkaConfig};
 use crate::consumer::KafkaSubscription;
 
 /// Pause before offering a message again when librdkafka's local queue is full.
@@ -243,7 +243,11 @@ impl KafkaTransport {
     async fn create_topic(&self, topic: &str) -> Result<(), TransportError> {
         let t = &self.config.topic;
         let retention = t.retention_ms.map(|r| r.to_string());
-        let mut new = NewTopic::new(topic, t.partitions, TopicReplication::Fixed(t.replication));
+        let replication = match t.replication {
+            Some(r) => r,
+            None => default_replication(self.broker_count().await?),
+        };
+        let mut new = NewTopic::new(topic, t.partitions, TopicReplication::Fixed(replication));
         if let Some(r) = retention.as_deref() {
             new = new.set("retention.ms", r);
         }
@@ -283,6 +287,20 @@ impl KafkaTransport {
             }
             tokio::time::sleep(TOPIC_METADATA_POLL).await;
         }
+    }
+
+    /// Brokers in the cluster's metadata.
+    async fn broker_count(&self) -> Result<usize, TransportError> {
+        let timeout = self.config.request_timeout;
+        let producer = self.producer.clone();
+        off_runtime(move || {
+            producer
+                .client()
+                .fetch_metadata(None, timeout)
+                .map(|md| md.brokers().len())
+        })
+        .await?
+        .map_err(|e| kafka_error("metadata (brokers)", &e))
     }
 
     /// Partitions of `topic` according to the cluster's metadata, `None` if it does not

@@ -54,7 +54,7 @@ async fn a_broker_down_with_replication_factor_3_loses_nothing_and_keeps_order()
             let config = || {
                 let mut c = KafkaConfig::new(cluster.bootstrap_servers());
                 c.topic.partitions = PARTITIONS;
-                c.topic.replication = BROKERS;
+                c.topic.replication = Some(BROKERS);
                 c.consumer.session_timeout = Duration::from_secs(6);
                 c.consumer.commit_interval = Duration::from_millis(200);
                 c
