@@ -8,32 +8,24 @@
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::thread::JoinHandle;
 
-use rdkafka::error::{KafkaError, KafkaResult};
-use rdkafka::TopicPartitionList;
-
-/// See the module docs.
-pub(crate) struct Committer {
-    /// At most one list waits while another is being committed.
-    tx: Option<SyncSender<TopicPartitionList>>,
+/// See the module docs. `M` is one commit's points; the thread runs `commit` on each, in
+/// the order sent.
+pub(crate) struct Committer<M: Send + 'static> {
+    /// At most one commit waits while another is being made.
+    tx: Option<SyncSender<M>>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl Committer {
-    /// Starts the thread: `commit` sends one list and waits for the broker; `failed` is told
-    /// of each list the broker refused (or never answered).
-    pub(crate) fn start(
-        topic: &str,
-        commit: impl Fn(&TopicPartitionList) -> KafkaResult<()> + Send + 'static,
-        failed: impl Fn(&TopicPartitionList, &KafkaError) + Send + 'static,
-    ) -> std::io::Result<Self> {
-        let (tx, rx) = sync_channel::<TopicPartitionList>(1);
+impl<M: Send + 'static> Committer<M> {
+    /// Starts the thread; `commit` makes one commit and waits for the broker (and deals with
+    /// its refusal).
+    pub(crate) fn start(topic: &str, commit: impl Fn(M) + Send + 'static) -> std::io::Result<Self> {
+        let (tx, rx) = sync_channel::<M>(1);
         let thread = std::thread::Builder::new()
             .name(format!("eventbus-commit-{}", short(topic)))
             .spawn(move || {
-                for list in rx {
-                    if let Err(e) = commit(&list) {
-                        failed(&list, &e);
-                    }
+                for points in rx {
+                    commit(points);
                 }
             })?;
         Ok(Self {
@@ -42,14 +34,14 @@ impl Committer {
         })
     }
 
-    /// Hands `list` to the thread without waiting; gives it back when a commit is already
-    /// waiting behind the one in progress (the caller makes its points pending again).
-    pub(crate) fn send(&self, list: TopicPartitionList) -> Result<(), TopicPartitionList> {
+    /// Hands `points` to the thread without waiting; gives them back when a commit is
+    /// already waiting behind the one in progress (the caller makes them pending again).
+    pub(crate) fn send(&self, points: M) -> Result<(), M> {
         let Some(tx) = &self.tx else {
-            return Err(list);
+            return Err(points);
         };
-        tx.try_send(list).map_err(|e| match e {
-            TrySendError::Full(l) | TrySendError::Disconnected(l) => l,
+        tx.try_send(points).map_err(|e| match e {
+            TrySendError::Full(p) | TrySendError::Disconnected(p) => p,
         })
     }
 
@@ -63,7 +55,7 @@ impl Committer {
     }
 }
 
-impl Drop for Committer {
+impl<M: Send + 'static> Drop for Committer<M> {
     /// Not waited for: the thread ends after its current commit.
     fn drop(&mut self) {
         self.tx = None;
@@ -81,42 +73,19 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     #[test]
-    fn commits_go_out_in_order_and_refusals_are_reported() {
+    fn commits_go_out_in_order_one_waiting_at_most() {
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let refused = Arc::new(Mutex::new(0));
-        let (s, r) = (seen.clone(), refused.clone());
-        let mut c = Committer::start(
-            "t",
-            move |l| {
-                let n = l.count();
-                s.lock().unwrap_or_else(|e| e.into_inner()).push(n);
-                if n == 2 {
-                    Err(KafkaError::Canceled)
-                } else {
-                    Ok(())
-                }
-            },
-            move |_, _| *r.lock().unwrap_or_else(|e| e.into_inner()) += 1,
-        )
+        let s = seen.clone();
+        let mut c = Committer::start("t", move |n: u32| {
+            s.lock().unwrap_or_else(|e| e.into_inner()).push(n);
+        })
         .expect("thread");
-        let list = |n: i32| {
-            let mut l = TopicPartitionList::new();
-            for p in 0..n {
-                l.add_partition("t", p);
-            }
-            l
-        };
-        // Sent one at a time (the channel holds one): wait for room by retrying.
         for n in 1..=3 {
-            let mut l = list(n);
-            loop {
-                match c.send(l) {
-                    Ok(()) => break,
-                    Err(back) => {
-                        l = back;
-                        std::thread::yield_now();
-                    }
-                }
+            let mut m = n;
+            // One waits at most: retry until the thread took the previous one.
+            while let Err(back) = c.send(m) {
+                m = back;
+                std::thread::yield_now();
             }
         }
         c.stop();
@@ -124,7 +93,6 @@ mod tests {
             *seen.lock().unwrap_or_else(|e| e.into_inner()),
             vec![1, 2, 3]
         );
-        assert_eq!(*refused.lock().unwrap_or_else(|e| e.into_inner()), 1);
-        assert!(c.send(list(1)).is_err(), "stopped: nothing more is taken");
+        assert_eq!(c.send(4), Err(4), "stopped: nothing more is taken");
     }
 }

@@ -47,7 +47,13 @@ struct Shared {
     /// The partitions assigned now, by epoch: the dispatcher starts no job of one revoked
     /// or lost, and a revoke waits only for the jobs running.
     ownership: Arc<Ownership>,
+    /// Held by each commit, from the committer thread or a revoke: a commit checks the
+    /// ownership of its points under it, so an older commit never lands after a revoke's.
+    commit_gate: Mutex<()>,
 }
+
+/// One commit's points, each with the assignment it was taken under.
+type Points = Vec<(i32, i64, OwnershipToken)>;
 
 impl Shared {
     /// Parks a message for a local redelivery, unless its partition is being given up: then
@@ -141,12 +147,6 @@ impl Shared {
     /// The broker refused a commit (or it never got there): the points of `list` count as
     /// uncommitted again, so the next commit interval sends them even on an idle partition.
     fn commit_failed(&self, topic: &str, list: &TopicPartitionList, error: &KafkaError) {
-        let points = self.commit_deferred(topic, list);
-        tracing::warn!(%topic, %error, offsets = ?points, "offset commit failed; sent again at the next commit interval");
-    }
-
-    /// The points of `list` were not committed (yet): pending again; returns them.
-    fn commit_deferred(&self, topic: &str, list: &TopicPartitionList) -> Vec<(i32, i64)> {
         let points: Vec<(i32, i64)> = list
             .elements_for_topic(topic)
             .iter()
@@ -155,11 +155,13 @@ impl Shared {
                 _ => None,
             })
             .collect();
-        let mut t = lock(&self.tracker);
-        for (p, o) in &points {
-            t.commit_failed(*p, *o);
+        {
+            let mut t = lock(&self.tracker);
+            for (p, o) in &points {
+                t.commit_failed(*p, *o);
+            }
         }
-        points
+        tracing::warn!(%topic, %error, offsets = ?points, "offset commit failed; sent again at the next commit interval");
     }
 }
 
@@ -209,6 +211,9 @@ impl ConsumerContext for GroupContext {
             let _ = commits.add_partition_offset(&self.topic, p, Offset::Offset(point));
         }
         if commits.count() > 0 {
+            // After the committer's commit in progress, if any; one waiting there finds
+            // these partitions no longer owned and leaves them out.
+            let _gate = lock(&self.shared.commit_gate);
             if let Err(e) = consumer.commit(&commits, CommitMode::Sync) {
                 tracing::warn!(topic = %self.topic, error = %e, "commit on revoke failed");
             }
@@ -235,7 +240,7 @@ pub struct KafkaSubscription {
     /// Shared with the committer thread.
     consumer: Arc<StreamConsumer<GroupContext>>,
     /// Commits off the fetcher, so a slow group coordinator never stops fetching.
-    committer: Committer,
+    committer: Committer<Points>,
     shared: Arc<Shared>,
     topic: Arc<str>,
     commit_interval: Duration,
@@ -280,6 +285,7 @@ impl KafkaSubscription {
             parked: Mutex::new(Vec::new()),
             drain_timeout: c.drain_timeout,
             ownership: Ownership::new(),
+            commit_gate: Mutex::new(()),
         });
         let topic: Arc<str> = Arc::from(spec.topic.as_str());
         let consumer: StreamConsumer<GroupContext> = cc
@@ -294,11 +300,21 @@ impl KafkaSubscription {
         let consumer = Arc::new(consumer);
         let committer = {
             let (consumer, shared, t) = (consumer.clone(), shared.clone(), topic.clone());
-            Committer::start(
-                &spec.topic,
-                move |list| consumer.commit(list, CommitMode::Sync),
-                move |list, e| shared.commit_failed(&t, list, e),
-            )
+            Committer::start(&spec.topic, move |points: Points| {
+                let _gate = lock(&shared.commit_gate);
+                // Points of partitions given up since: the revoke committed them already.
+                let mut list = TopicPartitionList::new();
+                for (p, offset, owner) in &points {
+                    if owner.is_current() {
+                        let _ = list.add_partition_offset(&t, *p, Offset::Offset(*offset));
+                    }
+                }
+                if list.count() > 0 {
+                    if let Err(e) = consumer.commit(&list, CommitMode::Sync) {
+                        shared.commit_failed(&t, &list, &e);
+                    }
+                }
+            })
             .map_err(|e| {
                 TransportError::Other(ErrorDetail::with_source(
                     "cannot start the consumer's commit thread".to_string(),
@@ -400,16 +416,31 @@ impl KafkaSubscription {
         if commits.is_empty() {
             return;
         }
-        let mut list = TopicPartitionList::new();
-        for (p, offset) in commits {
-            let _ = list.add_partition_offset(&self.topic, p, Offset::Offset(offset));
-        }
         if closing {
+            let mut list = TopicPartitionList::new();
+            for (p, offset) in commits {
+                let _ = list.add_partition_offset(&self.topic, p, Offset::Offset(offset));
+            }
             if let Err(e) = blocking(|| self.consumer.commit(&list, CommitMode::Sync)) {
                 self.shared.commit_failed(&self.topic, &list, &e);
             }
-        } else if let Err(list) = self.committer.send(list) {
-            self.shared.commit_deferred(&self.topic, &list);
+            return;
+        }
+        let points: Points = commits
+            .into_iter()
+            .map(|(p, offset)| {
+                let owner = self
+                    .shared
+                    .ownership
+                    .token(u32::try_from(p).unwrap_or(u32::MAX));
+                (p, offset, owner)
+            })
+            .collect();
+        if let Err(points) = self.committer.send(points) {
+            let mut t = lock(&self.shared.tracker);
+            for (p, offset, _) in points {
+                t.commit_failed(p, offset);
+            }
         }
     }
 }
@@ -586,6 +617,7 @@ mod tests {
             parked: Mutex::new(Vec::new()),
             drain_timeout: Duration::from_secs(1),
             ownership: Ownership::new(),
+            commit_gate: Mutex::new(()),
         }
     }
 
