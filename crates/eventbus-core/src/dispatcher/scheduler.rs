@@ -55,6 +55,17 @@ struct State<J> {
     closed: bool,
 }
 
+impl<J> State<J> {
+    /// Drops lane `key`, keeping its (empty) queue for a later lane while spares are few.
+    fn remove_lane(&mut self, key: LaneKey) {
+        if let Some(lane) = self.lanes.remove(&key) {
+            if self.spare.len() < MAX_SPARE_LANES {
+                self.spare.push(lane.jobs);
+            }
+        }
+    }
+}
+
 /// See the module docs.
 pub(crate) struct KeyedScheduler<J> {
     state: Mutex<State<J>>,
@@ -240,11 +251,7 @@ impl<J> KeyedScheduler<J> {
         lane.busy = false;
         lane.streak = 0;
         if lane.jobs.is_empty() {
-            if let Some(lane) = st.lanes.remove(&key) {
-                if st.spare.len() < MAX_SPARE_LANES {
-                    st.spare.push(lane.jobs);
-                }
-            }
+            st.remove_lane(key);
             false
         } else {
             st.ready.push_back(key);
@@ -266,12 +273,10 @@ impl<J> KeyedScheduler<J> {
             .collect();
         let mut out = Vec::new();
         for k in keys {
-            if let Some(mut lane) = state.lanes.remove(&k) {
+            if let Some(lane) = state.lanes.get_mut(&k) {
                 out.extend(lane.jobs.drain(..));
-                if state.spare.len() < MAX_SPARE_LANES {
-                    state.spare.push(lane.jobs);
-                }
             }
+            state.remove_lane(k);
         }
         state.queued -= out.len();
         drop(st);
@@ -305,11 +310,7 @@ impl<J> KeyedScheduler<J> {
             }
         }
         for key in emptied {
-            if let Some(lane) = state.lanes.remove(&key) {
-                if state.spare.len() < MAX_SPARE_LANES {
-                    state.spare.push(lane.jobs);
-                }
-            }
+            state.remove_lane(key);
         }
         state.queued -= out.len();
         drop(st);
