@@ -14,8 +14,8 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use eventbus_core::testkit::{
-    captured_log, every_event_handled, kit_config, ordering_violations, unique, GroupLedger,
-    Recorder,
+    captured_log, every_event_handled, kit_config, ordering_violations, unique, wait_for_state,
+    working_ledger_handler, GroupLedger, Recorder,
 };
 use eventbus_core::{Bus, ConnectionState, Envelope};
 use eventbus_kafka::{KafkaConfig, KafkaTransport};
@@ -160,9 +160,7 @@ impl CommitRig {
         cluster
             .create_topic(&topic, partitions, 1)
             .expect("create topic");
-        let mut c = KafkaConfig::new(cluster.bootstrap_servers());
-        c.topic.partitions = partitions;
-        c.consumer.session_timeout = Duration::from_secs(6);
+        let mut c = mock_config(&cluster, partitions);
         c.consumer.commit_interval = Duration::from_millis(50);
         let bus = Bus::new(
             KafkaTransport::connect(c).await.expect("connect"),
@@ -365,9 +363,7 @@ async fn a_revoked_member_starts_none_of_its_backlog_after_the_revoke() {
             let group = unique("svc");
             cluster.create_topic(&topic, 2, 1).expect("create topic");
             let config = || {
-                let mut c = KafkaConfig::new(cluster.bootstrap_servers());
-                c.topic.partitions = 2;
-                c.consumer.session_timeout = Duration::from_secs(6);
+                let mut c = mock_config(&cluster, 2);
                 c.consumer.commit_interval = Duration::from_millis(100);
                 c.consumer.drain_timeout = Duration::from_secs(1);
                 // A join is seen within half a second.
@@ -377,18 +373,8 @@ async fn a_revoked_member_starts_none_of_its_backlog_after_the_revoke() {
                 c
             };
             let ledger = Arc::new(GroupLedger::default());
-            let handler = |instance: u8| {
-                let l = ledger.clone();
-                move |e: Envelope| {
-                    let l = l.clone();
-                    async move {
-                        l.enter(instance, &e);
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        l.leave(instance, &e);
-                        Ok::<(), eventbus_core::HandlerError>(())
-                    }
-                }
-            };
+            // 20 ms of work per event, so a second handling of the aggregate meanwhile is seen.
+            let handler = |instance: u8| working_ledger_handler(&ledger, instance, Duration::from_millis(20));
             let first = Bus::new(
                 KafkaTransport::connect(config()).await.expect("connect"),
                 kit_config(),
@@ -452,9 +438,7 @@ async fn close_is_bounded_when_the_coordinator_stops_answering() {
             let topic = unique("kclose");
             let group = unique("svc");
             cluster.create_topic(&topic, 2, 1).expect("create topic");
-            let mut c = KafkaConfig::new(cluster.bootstrap_servers());
-            c.topic.partitions = 2;
-            c.consumer.session_timeout = Duration::from_secs(6);
+            let c = mock_config(&cluster, 2);
             let close_timeout = Duration::from_secs(3);
             let baseline = eventbus_core::testkit::tasks_and_rss().0;
             let bus = Bus::new(
@@ -503,12 +487,7 @@ async fn a_consume_only_bus_is_connected_again_after_an_outage() {
             let topic = unique("khealth");
             let group = unique("svc");
             cluster.create_topic(&topic, 1, 1).expect("create topic");
-            let config = || {
-                let mut c = KafkaConfig::new(cluster.bootstrap_servers());
-                c.topic.partitions = 1;
-                c.consumer.session_timeout = Duration::from_secs(6);
-                c
-            };
+            let config = || mock_config(&cluster, 1);
             let consumer = Bus::new(
                 KafkaTransport::connect(config()).await.expect("connect"),
                 kit_config(),
@@ -520,12 +499,10 @@ async fn a_consume_only_bus_is_connected_again_after_an_outage() {
                 .await
                 .expect("subscribe");
             cluster.broker_down(1).expect("broker down");
-            let reconnecting = async {
-                while consumer.health().state != ConnectionState::Reconnecting {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            };
-            eventbus_core::testkit::hang_guard("health showing the outage", reconnecting).await;
+            wait_for_state(&consumer, "the outage", |s| {
+                s == ConnectionState::Reconnecting
+            })
+            .await;
             cluster.broker_up(1).expect("broker up");
             // Another bus publishes; this one only consumes.
             let publisher = Bus::new(
@@ -573,9 +550,7 @@ async fn a_slow_coordinator_does_not_stop_consumption() {
             cluster
                 .coordinator(MockCoordinator::Group(group.clone()), 2)
                 .expect("coordinator");
-            let mut c = KafkaConfig::new(cluster.bootstrap_servers());
-            c.topic.partitions = 1;
-            c.consumer.session_timeout = Duration::from_secs(6);
+            let mut c = mock_config(&cluster, 1);
             c.consumer.commit_interval = Duration::from_millis(100);
             let bus = Bus::new(
                 KafkaTransport::connect(c).await.expect("connect"),
@@ -594,17 +569,15 @@ async fn a_slow_coordinator_does_not_stop_consumption() {
             cluster
                 .broker_round_trip_time(2, Duration::from_secs(120))
                 .expect("rtt");
-            for round in 0..3 {
-                // Pacing only: a commit interval passes between rounds.
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                for v in 0..5 {
-                    let e = Envelope::new("agg", "t", 2 + round * 5 + v, json!({}));
-                    bus.publish_envelope(&topic, &e).await.expect("publish");
-                }
+            // One at a time, each handled before the next is published: the commits of the
+            // first ones (every 100 ms) are due long before the last is fetched.
+            for v in 2..=16 {
+                let e = Envelope::new("agg", "t", v, json!({}));
+                bus.publish_envelope(&topic, &e).await.expect("publish");
+                handled
+                    .wait_for(v as usize, "events handled while the coordinator is slow")
+                    .await;
             }
-            handled
-                .wait_for(16, "events handled while the coordinator is slow")
-                .await;
             eprintln!(
                 "[commits kafka mock] 15 events handled with the coordinator at a 120 s round trip"
             );
@@ -612,4 +585,16 @@ async fn a_slow_coordinator_does_not_stop_consumption() {
             assert!(closed.is_ok(), "close not bounded");
         })
         .await;
+}
+
+/// A bus configuration for `cluster` with topics of `partitions` partitions and a 6 s session
+/// timeout (a lost member is noticed within the kit's hang guard).
+fn mock_config<C: rdkafka::ClientContext>(
+    cluster: &MockCluster<'_, C>,
+    partitions: i32,
+) -> KafkaConfig {
+    let mut c = KafkaConfig::new(cluster.bootstrap_servers());
+    c.topic.partitions = partitions;
+    c.consumer.session_timeout = Duration::from_secs(6);
+    c
 }

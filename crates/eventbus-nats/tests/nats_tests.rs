@@ -9,8 +9,8 @@ use std::time::Duration;
 use common::{nats_url, Nats, OwnServer};
 use eventbus_core::testkit::{
     captured_log, connection_lost_and_back, every_event_handled, hang_guard, join_group,
-    kit_config, kit_timeout, ordering_violations, peak_tasks_during_flow, unique, Backend,
-    GroupLedger, Outage, Recorder, TcpProxy,
+    kit_config, kit_timeout, ordering_violations, peak_tasks_during_flow, unique,
+    working_ledger_handler, Backend, GroupLedger, Outage, Recorder,
 };
 use eventbus_core::{
     headers, Bus, BusConfig, BusError, ConnectionState, Envelope, Publication, TransportError,
@@ -792,11 +792,7 @@ async fn an_instance_cut_off_past_its_lease_starts_nothing_the_new_owner_handles
         heartbeat: Duration::from_millis(500),
         instance_id: None,
     };
-    let upstream: std::net::SocketAddr = nats_url()
-        .trim_start_matches("nats://")
-        .parse()
-        .expect("EVENTBUS_NATS_URL as nats://host:port");
-    let proxy = TcpProxy::start(upstream).await;
+    let proxy = common::proxy().await;
     let mut cut_off = NatsConfig::new(format!("nats://{}", proxy.addr()));
     cut_off.group = group_settings.clone();
     let mut direct = NatsConfig::new(nats_url());
@@ -804,19 +800,9 @@ async fn an_instance_cut_off_past_its_lease_starts_nothing_the_new_owner_handles
     let topic = unique("nats-lease-cut");
     let group = unique("svc");
     let ledger = Arc::new(GroupLedger::default());
-    let handler = |instance: u8| {
-        let l = ledger.clone();
-        move |e: Envelope| {
-            let l = l.clone();
-            async move {
-                l.enter(instance, &e);
-                // Work that takes time, so a second handling of the aggregate meanwhile is seen.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                l.leave(instance, &e);
-                Ok::<(), eventbus_core::HandlerError>(())
-            }
-        }
-    };
+    // 20 ms of work per event, so a second handling of the aggregate meanwhile is seen.
+    let handler =
+        |instance: u8| working_ledger_handler(&ledger, instance, Duration::from_millis(20));
     let first = Bus::new(
         NatsTransport::connect(cut_off).await.expect("connect"),
         kit_config(),
@@ -884,16 +870,13 @@ async fn an_instance_cut_off_past_its_lease_starts_nothing_the_new_owner_handles
 /// Provisioning rides out a server too slow to answer one request in time (a busy cluster
 /// replicating a create): the bus retries the idempotent create-or-get until its provisioning
 /// deadline, instead of failing the subscribe at the first request timeout. The client's
-/// connection goes through a proxy that holds all traffic for 2.5 s, against a 1 s request
-/// timeout. On main before the retries, the subscribe failed with "jetstream request timed
+/// connection goes through a proxy that holds all traffic until a request (1 s timeout) has
+/// timed out and been sent again. On main before the retries, the subscribe failed with "jetstream request timed
 /// out" after the first second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provisioning_rides_out_a_server_slower_than_one_request_timeout() {
-    let upstream: std::net::SocketAddr = nats_url()
-        .trim_start_matches("nats://")
-        .parse()
-        .expect("EVENTBUS_NATS_URL as nats://host:port");
-    let proxy = TcpProxy::start(upstream).await;
+    let log = captured_log();
+    let proxy = common::proxy().await;
     let mut cfg = NatsConfig::new(format!("nats://{}", proxy.addr()));
     cfg.publish_ack_timeout = Duration::from_secs(1);
     let bus = Bus::new(
@@ -907,8 +890,13 @@ async fn provisioning_rides_out_a_server_slower_than_one_request_timeout() {
     proxy.stall();
     let subscribing = bus.subscribe_envelope(&topic, &group, handled.envelope_handler());
     let stall = async {
-        // The fault itself: a server that answers nothing for 2.5 request timeouts.
-        tokio::time::sleep(Duration::from_millis(2500)).await;
+        // The server answers nothing until a request has timed out and is sent again.
+        log.wait_until("a provisioning request timed out and sent again", |lines| {
+            lines
+                .iter()
+                .any(|l| l.contains("provisioning request failed; sending it again"))
+        })
+        .await;
         proxy.restore();
     };
     let (subscribed, ()) = tokio::join!(subscribing, stall);
@@ -928,11 +916,7 @@ async fn provisioning_rides_out_a_server_slower_than_one_request_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewal_whose_reply_was_lost_keeps_the_lease() {
     let log = captured_log();
-    let upstream: std::net::SocketAddr = nats_url()
-        .trim_start_matches("nats://")
-        .parse()
-        .expect("EVENTBUS_NATS_URL as nats://host:port");
-    let proxy = TcpProxy::start(upstream).await;
+    let proxy = common::proxy().await;
     let settings = GroupSettings {
         lease_ttl: Duration::from_secs(6),
         heartbeat: Duration::from_millis(500),

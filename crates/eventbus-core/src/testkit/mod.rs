@@ -26,6 +26,7 @@ use crate::{
 };
 use crate::{Delivery as _, Subscription as _, SubscriptionSpec};
 
+mod alloc;
 mod bad_input;
 mod cloud;
 mod compression;
@@ -44,6 +45,7 @@ mod recorder;
 mod scaleout;
 mod telemetry;
 
+pub use alloc::{allocations_per_message, ALLOC_MEASURED};
 pub use bad_input::*;
 pub use cloud::*;
 pub use compression::*;
@@ -56,7 +58,7 @@ pub use groups::*;
 pub use lifecycle::*;
 pub use log::captured_log;
 pub use ordering::*;
-pub use outage::{connection_lost_and_back, Outage};
+pub use outage::{connection_lost_and_back, wait_for_state, Outage};
 pub use peers::*;
 pub use placement::java_partition_mismatches;
 pub use proxy::TcpProxy;

@@ -24,7 +24,7 @@ pub trait Outage {
 
 /// Waits until the bus's health satisfies `ok`. Health changes raise no event, so this looks
 /// again every 20 ms; the kit timeout only guards against a hang.
-async fn wait_for_state<T: Transport>(
+pub async fn wait_for_state<T: Transport>(
     bus: &Bus<T>,
     what: &str,
     ok: impl Fn(ConnectionState) -> bool,

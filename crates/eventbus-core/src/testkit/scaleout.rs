@@ -158,6 +158,29 @@ pub async fn join_group<T: Transport>(
     .expect("subscribe");
 }
 
+/// A handler for instance `instance` that records its handlings in `ledger` and works
+/// `work` on each (so a second handling of the aggregate meanwhile, on another instance, is
+/// seen as an overlap).
+pub fn working_ledger_handler(
+    ledger: &Arc<GroupLedger>,
+    instance: u8,
+    work: Duration,
+) -> impl Fn(Envelope) -> std::pin::Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send>>
+       + Send
+       + Sync
+       + 'static {
+    let ledger = ledger.clone();
+    move |e: Envelope| {
+        let l = ledger.clone();
+        Box::pin(async move {
+            l.enter(instance, &e);
+            tokio::time::sleep(work).await;
+            l.leave(instance, &e);
+            Ok(())
+        })
+    }
+}
+
 /// Three bus instances in one group, 100,000 envelopes over 1,000 aggregates: every event is
 /// handled, each aggregate's events in version order, and no aggregate is handled by two
 /// instances (or twice in one) at overlapping times. Every instance gets work: rounds of one

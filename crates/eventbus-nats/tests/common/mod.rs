@@ -22,6 +22,16 @@ pub fn nats_url() -> String {
     })
 }
 
+/// A TCP proxy in front of the test's nats-server (`EVENTBUS_NATS_URL`), to cut or stall one
+/// client's link.
+pub async fn proxy() -> eventbus_core::testkit::TcpProxy {
+    let upstream: std::net::SocketAddr = nats_url()
+        .trim_start_matches("nats://")
+        .parse()
+        .expect("EVENTBUS_NATS_URL as nats://host:port");
+    eventbus_core::testkit::TcpProxy::start(upstream).await
+}
+
 pub struct Nats {
     pub config: NatsConfig,
 }
